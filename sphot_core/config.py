@@ -135,14 +135,16 @@ class CoreConfig:
 
     base_filter: str = "F150W"
     iter_basefit: int = attrs.field(default=10, validator=_non_negative)
-    iter_scalefit: int = attrs.field(default=3, validator=_non_negative)
+    iter_scalefit: int = attrs.field(default=5, validator=_non_negative)
     mainloop_min_iter: int = attrs.field(default=2, validator=_non_negative)
     mainloop_convergence_patience: int = attrs.field(default=2, validator=_positive)
     mainloop_convergence_atol: float = attrs.field(default=0.01, validator=_positive)
+    mainloop_convergence_sigma: float = attrs.field(default=0.1, validator=_non_negative)
     fit_complex_model: bool = False
     fit_nucleus: bool = False
-    scale_shift_max: float = attrs.field(default=2.0, validator=_non_negative)
+    scale_shift_max: float = attrs.field(default=0.0, validator=_non_negative)
     allow_refit: bool = False
+    scale_free: Tuple[str, ...] = attrs.field(default=(), converter=_str_list)
     forced_filters: Tuple[str, ...] = attrs.field(default=(), converter=_str_list)
     residual_clip_sigma: float = attrs.field(default=15.0, validator=_positive)
     mask_aper_size_in_r_eff: float = attrs.field(default=3.5, validator=_positive)
@@ -158,6 +160,7 @@ class FitterConfig:
     use_final_polish: bool = False
     polish: str = "lbfgsb"
     loss: str = attrs.field(default="chi2", validator=_one_of("chi2", "robust"))
+    primer_loss: str = attrs.field(default="robust", validator=_one_of("chi2", "robust"))
     robust_kappa: float = attrs.field(default=10.0, validator=_positive)
     regularize_aspect: bool = False
     aspect_prior_sigma: float = attrs.field(default=1.0, validator=_positive)
@@ -170,8 +173,12 @@ class PSFConfig:
 
     method: str = "ladder"
     forced_method: str = "forced"
-    center_mask_r_in_fwhm: float = attrs.field(default=1.5, validator=_non_negative)
+    center_mask_r_in_fwhm: float = attrs.field(default=1.0, validator=_non_negative)
     redetect_each_iteration: bool = False
+    scale_band_sources: str = attrs.field(default="base", validator=_one_of("base", "detect"))
+    galaxy_footprint_r_eff: float = attrs.field(default=2.0, validator=_non_negative)
+    extended_spread_epsilon: float = attrs.field(default=0.005, validator=_non_negative)
+    extended_spread_kappa: float = attrs.field(default=4.0, validator=_non_negative)
 
 
 @attrs.frozen
@@ -186,6 +193,7 @@ class SkyConfig:
     """``[sky]``: the sky estimator."""
 
     method: str = "plane"
+    galaxy_mask_r_eff: float = attrs.field(default=0.0, validator=_non_negative)
 
 
 @attrs.frozen

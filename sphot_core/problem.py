@@ -848,6 +848,7 @@ def make_scale_problem(
     fixed=None,
     shift_max: float = 2.0,
     allow_refit: bool = False,
+    free: Sequence[str] = (),
     loss: str = "chi2",
     model: Optional[str] = None,
     **kwargs,
@@ -857,8 +858,9 @@ def make_scale_problem(
     The amplitudes (and ``flux_point``) are solved linearly; the centre may move by
     up to ``shift_max`` pixels in x and y (``0``: nothing left to search, optimizers
     just finalize). ``allow_refit=True`` frees every parameter, starting from
-    ``base_params`` with the default bounds. Other keyword arguments go to
-    :class:`SersicProblem`.
+    ``base_params`` with the default bounds; ``free`` names shape parameters fitted in
+    this band too (e.g. ``("r_eff",)`` lets the size follow a colour gradient). Other
+    keyword arguments go to :class:`SersicProblem`.
     """
     spec = split_params(base_params) if model is None else model_spec(model)
     missing = [n for n in spec.param_names if n not in spec.linear and n not in base_params and n not in spec.fixed_defaults]
@@ -869,7 +871,15 @@ def make_scale_problem(
         return SersicProblem(image, noise, psf, mask=mask, fixed=fixed, model=spec.name, start=start, loss=loss, **kwargs)
     if shift_max < 0:
         raise InputError(f"shift_max must be >= 0, got {shift_max}")
-    pinned = {k: v for k, v in start.items() if k not in spec.linear and (shift_max == 0 or k not in ("x_0", "y_0"))}
+    free = set(free or ())
+    unknown = free - set(spec.param_names)
+    if unknown:
+        raise InputError(f"free parameter(s) {', '.join(sorted(unknown))} are not parameters of model {spec.name!r}")
+    pinned = {
+        k: v
+        for k, v in start.items()
+        if k not in spec.linear and k not in free and (shift_max == 0 or k not in ("x_0", "y_0"))
+    }
     bounds = dict(kwargs.pop("bounds", None) or {})
     if shift_max > 0:
         bounds["x_0"] = (start["x_0"] - shift_max, start["x_0"] + shift_max)

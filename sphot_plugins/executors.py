@@ -483,7 +483,8 @@ class ProcessExecutor(Executor):
                                          traceback=traceback.format_exc(), seconds=0.0)
                         continue
                     busy.append(worker)
-                yield from self._collect(busy, timeout)
+                if busy:
+                    yield from self._collect(busy, timeout)
         finally:
             for worker in busy:  # the consumer stopped early: abandon jobs in flight
                 self._discard(worker)

@@ -1,0 +1,247 @@
+"""The engine on small simulated galaxies with known truth."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+
+import numpy as np
+import pytest
+
+from sphot_core import engine
+from sphot_core.config import load_config
+from sphot_core.data import Band
+from sphot_core.errors import FitError, InputError
+from sphot_core.flags import GALAXY_FLAGS, SOURCE_FLAGS
+from sphot_core.io import GALAXY_COLUMNS, SOURCE_COLUMNS, load_galaxy, read_sphot, write_sphot
+from sphot_core.simulate import simulate_to_file
+
+FILTERS = ("F090W", "F150W", "F277W")
+
+
+@pytest.fixture(scope="module")
+def field(tmp_path_factory):
+    d = tmp_path_factory.mktemp("field")
+    paths = simulate_to_file(d / "sim.h5", filters=FILTERS, size=101, n_stars=60, seed=7, snr=400.0)
+    paths["truth_data"] = json.loads(paths["truth"].read_text())
+    return paths
+
+
+@pytest.fixture(scope="module")
+def config():
+    return load_config(use_user_config=False)
+
+
+@pytest.fixture(scope="module")
+def fitted(field, config, tmp_path_factory):
+    out = tmp_path_factory.mktemp("out")
+    summary = engine.run_file(field["galaxy"], out, psf=field["psf"], config=config, jobs=1)
+    return summary, out
+
+
+def test_parameter_change_units():
+    prev = {"x_0": 10.0, "y_0": 5.0, "amplitude": 2.0, "r_eff": 10.0, "n": 2.0, "ellip": 0.5, "theta": 0.1}
+    cur = dict(prev, x_0=10.005, amplitude=2.01, theta=0.1 + np.pi - 0.01)
+    # amplitude 0.5 %, centre 0.005 px, theta wraps: 0.01 rad x ellip 0.5 -> 0.005
+    assert engine.parameter_change(prev, cur, atol=0.01) == pytest.approx(0.5)
+    assert engine.parameter_change(prev, dict(prev, r_eff=10.3), atol=0.01) == pytest.approx(0.3 / 10.3 / 0.01)
+    # changes inside a fraction of the uncertainty are tolerated
+    errs = {"x_0": 0.5}
+    assert engine.parameter_change(prev, dict(prev, x_0=10.04), atol=0.01, errors=errs, sigma_fraction=0.1) == pytest.approx(0.8)
+    assert engine.parameter_change(prev, dict(prev, x_0=10.04), atol=0.01) == pytest.approx(4.0)
+
+
+def test_outputs_and_recovery(field, fitted):
+    summary, out = fitted
+    truth = field["truth_data"]
+    assert summary["status"] == "ok", summary
+    for key in ("sphot", "galaxy", "sources"):
+        assert (out / f"sim_{key}.h5" if key == "sphot" else out / f"sim_{key}.csv").exists()
+    with open(out / "sim_galaxy.csv") as fh:
+        rows = list(csv.DictReader(fh))
+    assert tuple(rows[0]) == GALAXY_COLUMNS
+    by = {r["filter"]: r for r in rows}
+    g = truth["galaxy"]
+    base = by["F150W"]
+    # the centre is reported on the INPUT grid (crop undone)
+    assert float(base["x_0"]) == pytest.approx(g["x_0"], abs=0.05)
+    assert float(base["y_0"]) == pytest.approx(g["y_0"], abs=0.05)
+    assert float(base["r_eff"]) == pytest.approx(g["r_eff"], rel=0.05)
+    assert float(base["n"]) == pytest.approx(g["n"], abs=0.15)
+    assert float(base["ellip"]) == pytest.approx(g["ellip"], abs=0.02)
+    assert float(base["theta"]) == pytest.approx(g["theta"], abs=0.05)
+    # colours (band minus base) from the Sersic fluxes, as in the issue
+    for f in FILTERS:
+        colour = float(by[f]["mag"]) - float(base["mag"])
+        assert colour == pytest.approx(truth["bands"][f]["colour"], abs=0.03), f
+        assert by[f]["converged"] == "true"
+        assert float(by[f]["chi2_dof"]) == pytest.approx(1.0, abs=0.25)
+        assert int(by[f]["flags"]) & GALAXY_FLAGS.BAND_FAILED == 0
+    with open(out / "sim_sources.csv") as fh:
+        src = list(csv.DictReader(fh))
+    assert tuple(src[0]) == SOURCE_COLUMNS
+    assert all(float(s["flux"]) >= 0 for s in src)
+
+
+def test_stars_and_sky_are_recovered(field, fitted):
+    summary, out = fitted
+    truth = field["truth_data"]
+    galaxy, _ = read_sphot(out / "sim_sphot.h5")
+    dx, dy = galaxy.crop_offset
+    band = galaxy.bands["F150W"]
+    tx = np.array(truth["stars"]["x"]) - dx
+    ty = np.array(truth["stars"]["y"]) - dy
+    tf = np.array(truth["bands"]["F150W"]["star_flux"])
+    sigma = truth["bands"]["F150W"]["noise_sigma"]
+    inside = (tx > 3) & (ty > 3) & (tx < band.shape[1] - 4) & (ty < band.shape[0] - 4)
+    ok = inside & np.isfinite(band.data[np.round(ty).astype(int).clip(0, band.shape[0] - 1), np.round(tx).astype(int).clip(0, band.shape[1] - 1)])
+    bright = ok & (tf > 30 * sigma * band.psf.fwhm)
+    from scipy.spatial import cKDTree
+
+    d, i = cKDTree(np.column_stack([band.sources.x, band.sources.y])).query(np.column_stack([tx[bright], ty[bright]]))
+    assert np.mean(d < 1.0) >= 0.9
+    matched = d < 1.0
+    ratio = band.sources.flux[i[matched]] / tf[bright][matched]
+    assert np.median(ratio) == pytest.approx(1.0, abs=0.05)
+    # the sky plane: level at the cutout centre
+    s = truth["bands"]["F150W"]["sky"]
+    c = (truth["shape"][0] - 1) / 2
+    yy, xx = np.indices(band.shape)
+    true_sky = s["c0"] + s["cx"] * (xx + dx - c) + s["cy"] * (yy + dy - c)
+    assert np.mean(band.sky_model - true_sky) == pytest.approx(0.0, abs=3 * sigma / math.sqrt(band.data.size) + 0.05 * sigma)
+
+
+def test_history_and_kernel_records(fitted):
+    _, out = fitted
+    galaxy, config_text = read_sphot(out / "sim_sphot.h5")
+    assert "[psf-calib]" in config_text
+    for band in galaxy.bands.values():
+        stages = [h["stage"] for h in band.history]
+        assert stages[0] in ("primer", "scale-primer") and stages[-1] == "total"
+        assert band.kernel_history, band.filter
+        assert all("params" in k for k in band.kernel_history if k.get("success", True))
+        assert band.stages_done
+
+
+def test_resume_after_a_crash_between_bands(field, config, tmp_path, fitted):
+    """Kill the run after the base band and one scale band were checkpointed; resuming
+    finishes the remaining band and reproduces the uninterrupted result."""
+
+    class Killed(BaseException):
+        pass
+
+    state = tmp_path / "sim_sphot.h5"
+    calls = []
+
+    def checkpoint(g):
+        write_sphot(g, state, config.to_toml())
+        calls.append(1)
+        if len(calls) == 2:
+            raise Killed
+
+    galaxy = load_galaxy(field["galaxy"], field["psf"], config=config)
+    with pytest.raises(Killed):
+        engine.run(galaxy, config, jobs=1, checkpoint=checkpoint)
+    partial, _ = read_sphot(state)
+    assert [b.status for b in partial.bands.values()].count("done") == 2
+    summary = engine.run_file(state, tmp_path, config=config, resume=True, jobs=1)
+    assert summary["status"] == "ok"
+    resumed, _ = read_sphot(tmp_path / "sim_sphot.h5")
+    reference, _ = read_sphot(fitted[1] / "sim_sphot.h5")
+    for f in FILTERS:
+        a, b = resumed.bands[f].sersic, reference.bands[f].sersic
+        for k in a.params:
+            assert a.params[k] == pytest.approx(b.params[k], rel=1e-6, abs=1e-9), (f, k)
+        assert a.flux == pytest.approx(b.flux, rel=1e-6)
+        assert len(resumed.bands[f].sources) == len(reference.bands[f].sources)
+
+
+def test_a_failed_band_does_not_stop_the_others(field, config, tmp_path, monkeypatch):
+    real = engine.fit_band
+
+    def flaky(band: Band, *args, **kwargs):
+        if band.filter == "F277W":
+            raise FitError("simulated failure in F277W")
+        return real(band, *args, **kwargs)
+
+    monkeypatch.setattr(engine, "fit_band", flaky)
+    cfg = config.with_overrides({"core.iter_basefit": 2, "core.iter_scalefit": 1, "psf-calib.in_mainloop": False})
+    summary = engine.run_file(field["galaxy"], tmp_path, psf=field["psf"], config=cfg, jobs=1)
+    assert summary["status"] == "partial" and summary["bands_failed"] == "F277W"
+    galaxy, _ = read_sphot(tmp_path / "sim_sphot.h5")
+    assert galaxy.bands["F277W"].status == "failed"
+    assert "simulated failure" in galaxy.bands["F277W"].message
+    assert galaxy.bands["F090W"].status == "done"
+    with open(tmp_path / "sim_galaxy.csv") as fh:
+        rows = {r["filter"]: r for r in csv.DictReader(fh)}
+    assert int(rows["F277W"]["flags"]) & GALAXY_FLAGS.BAND_FAILED
+    assert rows["F277W"]["flux"] == "" and rows["F090W"]["flux"] != ""
+
+
+def test_forced_band_uses_the_base_positions(field, config, tmp_path):
+    cfg = config.with_overrides({"core.iter_basefit": 2, "core.iter_scalefit": 2, "psf-calib.in_mainloop": False})
+    engine.run_file(field["galaxy"], tmp_path, psf=field["psf"], config=cfg, forced=["F277W"], jobs=1)
+    galaxy, _ = read_sphot(tmp_path / "sim_sphot.h5")
+    base, forced = galaxy.bands["F150W"], galaxy.bands["F277W"]
+    assert "forcedfit" in forced.stages_done
+    assert np.all(forced.sources.flags & SOURCE_FLAGS.FORCED)
+    shift = np.array([forced.sersic.params["x_0"] - base.sersic.params["x_0"], forced.sersic.params["y_0"] - base.sersic.params["y_0"]])
+    # every forced source sits at a base position shifted by the band's centre offset
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(np.column_stack([base.sources.x, base.sources.y]) + shift).query(np.column_stack([forced.sources.x, forced.sources.y]))
+    assert np.all(d < 1e-6)
+
+
+def test_rerun_scalefit_of_one_band(field, config, tmp_path):
+    cfg = config.with_overrides({"core.iter_basefit": 2, "core.iter_scalefit": 2})
+    engine.run_file(field["galaxy"], tmp_path, psf=field["psf"], config=cfg, jobs=1)
+    before, _ = read_sphot(tmp_path / "sim_sphot.h5")
+    cfg2 = cfg.with_overrides({"core.scale_shift_max": 0.3})
+    engine.run_file(tmp_path / "sim_sphot.h5", None, config=cfg2, rerun="scalefit", filters=["F090W"], jobs=1)
+    after, _ = read_sphot(tmp_path / "sim_sphot.h5")
+    assert after.bands["F150W"].sersic.params == before.bands["F150W"].sersic.params
+    assert after.bands["F277W"].sersic.params == before.bands["F277W"].sersic.params
+    # F090W was redone, now with a free centre around its registered position
+    moved = after.bands["F090W"].sersic.params["x_0"] - before.bands["F090W"].sersic.params["x_0"]
+    assert 0 < abs(moved) <= 0.3 + 1e-9
+    with pytest.raises(InputError, match="no earlier output"):
+        engine.run_file(field["galaxy"], tmp_path / "empty", psf=field["psf"], config=cfg, rerun="scalefit")
+
+
+def test_stage_objects_replace_configured_ones(field, config, tmp_path):
+    """A researcher's optimizer object drives every Sersic fit."""
+    from sphot_core.registry import get_registry
+
+    class Counting:
+        name = "counting"
+
+        def __init__(self):
+            self.inner = get_registry().create("fitter", "levmar")
+            self.calls = 0
+
+        def fit(self, problem, start=None):
+            self.calls += 1
+            return self.inner.fit(problem, start)
+
+    fitter = Counting()
+    cfg = config.with_overrides({"core.iter_basefit": 2, "core.iter_scalefit": 1, "psf-calib.in_mainloop": False})
+    galaxy = load_galaxy(field["galaxy"], field["psf"], config=cfg)
+    result = engine.run(galaxy, cfg, jobs=4, sersic_fitter=fitter)  # does not pickle -> bands in this process
+    assert all(b.status == "done" for b in result.bands.values())
+    assert fitter.calls >= 3 + 2 * 2
+    assert {h["optimizer"] for b in result.bands.values() for h in b.history if h.get("optimizer")} == {"levmar"}
+    with pytest.raises(InputError, match="unknown stage argument"):
+        engine.run(galaxy, cfg, optimiser=fitter)
+
+
+def test_bands_in_parallel_processes_match_serial(field, config, tmp_path, fitted):
+    cfg = config
+    summary = engine.run_file(field["galaxy"], tmp_path, psf=field["psf"], config=cfg, jobs=2)
+    assert summary["status"] == "ok"
+    par, _ = read_sphot(tmp_path / "sim_sphot.h5")
+    ser, _ = read_sphot(fitted[1] / "sim_sphot.h5")
+    for f in FILTERS:
+        for k, v in ser.bands[f].sersic.params.items():
+            assert par.bands[f].sersic.params[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (f, k)
