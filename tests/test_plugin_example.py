@@ -82,3 +82,10 @@ def test_calibrates_with_the_plugin_family(registry):
     assert fit.success and fit.family == "lorentzian" and fit.n_anchors >= 15
     assert fit.params["gamma"] == pytest.approx(0.6, rel=0.05)
     assert fit.loss < fit.loss_before
+
+
+def test_passes_the_conformance_checks(registry):
+    """What the plugin's author runs in their own test suite (one line)."""
+    from sphot_core.testing import check_plugin
+
+    check_plugin(registry.create("kernel", "lorentzian"))
