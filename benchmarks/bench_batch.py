@@ -5,19 +5,20 @@ Usage::
     OMP_NUM_THREADS=1 python benchmarks/bench_batch.py [--galaxies 20] [--workers 1 2]
                                                        [--executor processes]
 
-The processing function is the engine's ``sphot_core.engine.run_galaxy_file(path,
-out_dir)`` when it can be imported (inputs simulated with
-``sphot_core.simulate.simulate_to_file``); otherwise a CPU-bound toy workload that
-fits a Gaussian to a PSF-convolved toy galaxy in 6 filters (about a second per galaxy
-on one core). The script prints which one it used. Every run starts its own executor,
-so worker start-up is part of the measured time, as in a real batch. The worker counts
-are measured in alternating order ``--repeat`` times and the fastest run of each is
-reported (the least disturbed by other load on the machine), with the median.
+Each galaxy is a simulated three-band field (``sphot_core.simulate``: 151 x 151 px,
+150 stars, built-in analytic PSFs) processed by the real engine exactly as
+``sphot run`` does in a batch (``sphot_core.runner.process_galaxy``: default
+configuration, the bands of one galaxy fitted one after the other, the batch being
+the parallelism). Every run starts its own executor, so worker start-up is part of
+the measured time, as in a real batch. The worker counts are measured in alternating
+order ``--repeat`` times and the fastest run of each is reported (the least disturbed
+by other load on the machine), with the median.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import platform
 import tempfile
@@ -26,67 +27,24 @@ from pathlib import Path
 
 import numpy as np
 
-N_FILTERS = 6
-SIZE = 200
 
+def workload(tmp: Path, n: int):
+    """(process_one, paths): simulated galaxies and the batch worker function."""
+    from sphot_core.runner import process_galaxy
+    from sphot_core.simulate import simulate_to_file
 
-# ------------------------------------------------------------------- toy workload
-
-
-def make_toy_galaxy(path: Path, seed: int) -> None:
-    """A toy HDF5 cutout (one dataset per filter, the layout of the real data)."""
-    import h5py
-
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:SIZE, :SIZE].astype(float)
-    with h5py.File(path, "w") as h5:
-        for k in range(N_FILTERS):
-            x0, y0 = SIZE / 2 + rng.normal(0, 2, 2)
-            image = 100.0 * np.exp(-((xx - x0) ** 2 + (yy - y0) ** 2) / (2 * (4.0 + k) ** 2))
-            h5.create_dataset(f"F{k}", data=image + rng.normal(0, 1.0, image.shape))
-
-
-def toy_process_one(path: str, out_dir: str) -> dict:
-    """CPU-bound stand-in for the engine: an FFT-convolved Gaussian fit per filter."""
-    import h5py
-    from scipy.optimize import least_squares
-    from scipy.signal import fftconvolve
-
-    from sphot_core.io import write_csv
-
-    yy, xx = np.mgrid[:SIZE, :SIZE].astype(float)
-    k = np.arange(-32, 33, dtype=float)
-    kernel = np.exp(-(k[:, None] ** 2 + k[None, :] ** 2) / (2 * 1.5**2))
-    kernel /= kernel.sum()
-    rows = []
-    with h5py.File(path, "r") as h5:
-        images = {name: h5[name][()] for name in h5}
-    for name, image in images.items():
-
-        def residuals(p):
-            model = p[0] * np.exp(-((xx - p[1]) ** 2 + (yy - p[2]) ** 2) / (2 * p[3] ** 2))
-            return (fftconvolve(model, kernel, mode="same") - image).ravel()
-
-        fit = least_squares(residuals, [50.0, SIZE / 2, SIZE / 2, 3.0], x_scale=[10, 1, 1, 1])
-        rows.append({"filter": name, "x_0": fit.x[1], "y_0": fit.x[2], "flux": fit.x[0], "nfev": fit.nfev})
-    stem = Path(path).stem
-    write_csv(Path(out_dir) / f"{stem}_galaxy.csv", ("filter", "x_0", "y_0", "flux", "nfev"), rows)
-    write_csv(Path(out_dir) / f"{stem}_sources.csv", ("filter", "id"), [])
-    return {"n_filters": len(rows)}
-
-
-def choose_workload():
-    """(process_one, make_input, label): the engine if importable, else the toy."""
-    try:
-        from sphot_core.engine import run_galaxy_file
-        from sphot_core.simulate import simulate_to_file
-    except ImportError as exc:
-        return toy_process_one, make_toy_galaxy, f"toy CPU-bound workload (engine not importable: {exc})"
-
-    def make_input(path: Path, seed: int) -> None:
-        simulate_to_file(str(path), seed=seed)
-
-    return run_galaxy_file, make_input, "sphot engine (sphot_core.engine.run_galaxy_file)"
+    inputs = tmp / "in"
+    inputs.mkdir()
+    paths, psf = [], None
+    for i in range(n):
+        written = simulate_to_file(inputs / f"bench{i:03d}.h5", seed=i)
+        psf = psf or written["psf"]
+        paths.append(written["galaxy"])
+    settings = dict(
+        psf=str(psf), config_file=None, sets=[], flags={}, base_filter=None, filters=None, forced=None,
+        photometry=False, make_plot=False, resume=False, rerun=None,
+    )
+    return functools.partial(process_galaxy, settings=settings), paths
 
 
 # ---------------------------------------------------------------------- measuring
@@ -117,17 +75,12 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2)
     args = parser.parse_args()
 
-    process_one, make_input, label = choose_workload()
-    print(f"workload: {label}")
+    print(f"workload: the sphot engine on simulated three-band galaxies (runner.process_galaxy)")
     print(f"executor: {args.executor}; {args.galaxies} galaxies; python {platform.python_version()}; "
           f"{os.cpu_count()} CPUs; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
     with tempfile.TemporaryDirectory(prefix="sphot_bench_batch_") as tmp:
         tmp = Path(tmp)
-        inputs = tmp / "in"
-        inputs.mkdir()
-        paths = [inputs / f"bench{i:03d}.h5" for i in range(args.galaxies)]
-        for i, path in enumerate(paths):
-            make_input(path, seed=i)
+        process_one, paths = workload(tmp, args.galaxies)
         runs = {n: [] for n in args.workers}
         for r in range(args.repeat):
             for n in args.workers if r % 2 == 0 else args.workers[::-1]:

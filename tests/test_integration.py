@@ -1,0 +1,66 @@
+"""End to end on real and realistic data (the longest tests of the suite)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from sphot_core.aperture import APERTURE_COLUMNS
+from sphot_core.config import load_config
+from sphot_core.engine import run_file
+from sphot_core.io import GALAXY_COLUMNS, SOURCE_COLUMNS, read_sphot
+from sphot_core.sersic import magnitude
+from sphot_core.simulate import simulate_to_file
+
+pytestmark = pytest.mark.integration
+
+
+def rows(path):
+    with open(path) as fh:
+        return list(csv.DictReader(fh))
+
+
+def test_g260_all_outputs_and_colours(galaxy_dir, psf_dir, tmp_path):
+    """The full six-band run of g260: every output of INTERFACE.md, and colours (each
+    filter minus F150W, Sersic total fluxes) against the reference magnitudes."""
+    summary = run_file(galaxy_dir / "g260.h5", tmp_path, psf=psf_dir, config=load_config(use_user_config=False), photometry=True, jobs=2)
+    assert summary["status"] == "ok", summary
+    galaxy_rows = rows(tmp_path / "g260_galaxy.csv")
+    assert tuple(galaxy_rows[0]) == GALAXY_COLUMNS
+    assert [r["filter"] for r in galaxy_rows] == ["F090W", "F150W", "F160W", "F277W", "F555W", "F814W"]
+    sources = rows(tmp_path / "g260_sources.csv")
+    assert tuple(sources[0]) == SOURCE_COLUMNS and len(sources) > 300
+    aperture = rows(tmp_path / "g260_aperture.csv")
+    assert tuple(aperture[0]) == APERTURE_COLUMNS and len(aperture) == 6
+    galaxy, config_text = read_sphot(tmp_path / "g260_sphot.h5")
+    assert "[core]" in config_text
+    ref = np.load(galaxy_dir / "g260_ABmags.npy")
+    ref_mag = dict(zip(ref[0], ref[1].astype(float)))
+    by = {r["filter"]: r for r in galaxy_rows}
+    base = float(by["F150W"]["mag"])
+    for f, r in by.items():
+        assert r["converged"] == "true" or int(r["flags"]) & 32, f
+        # on the input grid: the galaxy is near the middle of the 255 x 255 frame
+        assert 110 < float(r["x_0"]) < 140 and 120 < float(r["y_0"]) < 150
+        colour = float(r["mag"]) - base
+        assert abs(colour - (ref_mag[f] - ref_mag["F150W"])) < 0.15, (f, colour, ref_mag[f] - ref_mag["F150W"])
+    for band in galaxy.bands.values():
+        assert band.status == "done" and band.kernel_history
+        assert band.psf.fwhm > band.library_psf.fwhm  # the calibration found extra blur
+
+
+def test_colours_on_a_simulated_field_with_the_real_psfs(psf_dir, tmp_path):
+    """Six bands, 500 stars, S/N 150, no star on the nucleus (a regression guard; the
+    full table over many fields is benchmarks/bench_colours.py)."""
+    filters = ("F555W", "F814W", "F090W", "F150W", "F160W", "F277W")
+    paths = simulate_to_file(tmp_path / "sim.h5", psf=psf_dir, filters=filters, size=151, n_stars=500, seed=7, snr=150.0, star_free_radius=6.0)
+    truth = json.loads(paths["truth"].read_text())
+    summary = run_file(paths["galaxy"], tmp_path, psf=psf_dir, config=load_config(use_user_config=False), jobs=2)
+    galaxy, _ = read_sphot(summary["outputs"]["sphot"])
+    mag = {f: magnitude(b.sersic.flux, 0.0, b.zeropoint)[0] for f, b in galaxy.bands.items()}
+    for f in filters:
+        err = (mag[f] - mag["F150W"]) - truth["bands"][f]["colour"]
+        assert abs(err) < (0.05 if f == "F160W" else 0.025), (f, err)
