@@ -193,7 +193,7 @@ class SkyConfig:
     """``[sky]``: the sky estimator."""
 
     method: str = "plane"
-    galaxy_mask_r_eff: float = attrs.field(default=0.0, validator=_non_negative)
+    galaxy_mask_r_eff: float = attrs.field(default=3.5, validator=_non_negative)
 
 
 @attrs.frozen

@@ -390,16 +390,14 @@ class PSFModel:
                     phase_sums[p, q] = coef[(oy + p) % os_ :: os_, (ox + q) % os_ :: os_].sum()
             return coef, pad, phase_sums
 
-        # reuse a larger cached set if there is one
+        # one set per PSF, padded for the largest useful stamp (the PSF's own extent):
+        # stamps of every size reuse it, so memory stays bounded
         cache = self.__dict__.setdefault("_cache", {})
-        best = None
-        for k in cache:
-            if isinstance(k, tuple) and k[0] == "coef" and k[1] >= half:
-                if best is None or k[1] < best:
-                    best = k[1]
-        if best is not None:
-            return cache[("coef", best)]
-        return self._cached(("coef", half), make)
+        current = cache.get("coef")
+        if current is None or current[1] < half * self.oversample + self.oversample + 4:
+            half = max(half, self.half_extent + 2)
+            cache["coef"] = make()
+        return cache["coef"]
 
     def stamps(self, x, y, half: int):
         """Unit-flux images of point sources at ``(x, y)`` on square stamps.
