@@ -79,6 +79,9 @@ def run_demo(out_dir="sphot_demo", *, psf=None, seed: int = 1, jobs: Optional[in
     fitted_base = magnitude(base_band.sersic.flux, 0.0, base_band.zeropoint)[0]
     for flt, band in galaxy.bands.items():
         t = truth["bands"][flt]
+        if band.status != "done":
+            click.echo(f"    {flt:<11} failed: {band.message}")
+            continue
         mag, mag_err = magnitude(band.sersic.flux, band.sersic.flux_err, band.zeropoint)
         # stars: detected true stars with S/N > 10 outside the galaxy core
         sigma = t["noise_sigma"]

@@ -22,7 +22,7 @@ import pickle
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, Mapping, Optional, Sequence
 
 import attrs
 import numpy as np
@@ -30,7 +30,7 @@ from scipy import ndimage
 
 from .calibrate import KernelTracker, galaxy_exclusion_mask
 from .data import Band, Galaxy, SourceTable
-from .errors import DegenerateCutoutError, InputError, SphotError
+from .errors import InputError, SphotError
 from .flags import GALAXY_FLAGS
 from .prep import GalaxyGuess, prepare
 from .progress import null_progress
@@ -708,8 +708,7 @@ def run(
         Bands whose stars are force-fitted at the base positions (default
         ``[core] forced_filters``).
     jobs : int, optional
-        Processes for the scale fits (0 = all cores, 1 = in this process; default
-        the ``processes`` executor's ``jobs`` option).
+        Processes for the scale fits (``None`` or 0 = all cores, 1 = in this process).
     resume : bool
         Skip bands already done (their stages recorded in the galaxy).
     rerun : {"basefit", "scalefit", "photometry"}, optional
@@ -874,10 +873,16 @@ def _band_workers(jobs: Optional[int], n: int) -> int:
 
 
 def _photometry(galaxy: Galaxy, config) -> None:
+    """Aperture photometry; a failure is logged and recorded, never fatal for the fits."""
     from .aperture import run_aperture_photometry
 
-    rows = run_aperture_photometry(galaxy, config.aperture)
-    galaxy.meta["aperture"] = rows
+    try:
+        galaxy.meta["aperture"] = run_aperture_photometry(galaxy, config.aperture)
+        galaxy.meta.pop("aperture_error", None)
+    except (SphotError, ValueError, ArithmeticError) as exc:
+        galaxy.meta.pop("aperture", None)
+        galaxy.meta["aperture_error"] = str(exc)
+        log.error("%s: aperture photometry failed: %s", galaxy.name, exc)
 
 
 # ------------------------------------------------------------------- one file
@@ -921,7 +926,7 @@ def run_file(
     Returns a summary dict (galaxy, status, bands ok/failed, seconds, outputs).
     """
     from . import io as sio
-    from .config import SphotConfig, load_config
+    from .config import load_config
 
     t0 = time.perf_counter()
     path = Path(path)

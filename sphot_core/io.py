@@ -19,12 +19,12 @@ import os
 import re
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ._version import __version__
-from .data import SOURCE_DTYPE, Band, Galaxy, SourceTable
+from .data import Band, Galaxy, SourceTable
 from .errors import InputError, OutputError
 from .flags import GALAXY_FLAGS
 from .psf import PSFModel

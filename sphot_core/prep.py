@@ -14,7 +14,7 @@ import attrs
 import numpy as np
 from scipy import ndimage
 
-from .data import Band, Galaxy
+from .data import Galaxy
 from .errors import DegenerateCutoutError
 from .stats import clipped_stats, noise_map
 

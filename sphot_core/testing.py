@@ -23,7 +23,7 @@ import attrs
 import numpy as np
 
 from .data import SourceTable
-from .psf import PSFModel, gaussian_kernel
+from .psf import PSFModel
 from .stages import (
     Executor,
     JobOutcome,

@@ -245,3 +245,19 @@ def test_bands_in_parallel_processes_match_serial(field, config, tmp_path, fitte
     for f in FILTERS:
         for k, v in ser.bands[f].sersic.params.items():
             assert par.bands[f].sersic.params[k] == pytest.approx(v, rel=1e-6, abs=1e-9), (f, k)
+
+
+def test_failed_aperture_photometry_keeps_the_fits(field, config, tmp_path, monkeypatch):
+    import sphot_core.aperture as aperture
+    from sphot_core.errors import DegenerateCutoutError
+
+    def broken(*args, **kwargs):
+        raise DegenerateCutoutError("fewer than 5 usable isophotes")
+
+    monkeypatch.setattr(aperture, "run_aperture_photometry", broken)
+    cfg = config.with_overrides({"core.iter_basefit": 2, "core.iter_scalefit": 1, "psf-calib.in_mainloop": False})
+    summary = engine.run_file(field["galaxy"], tmp_path, psf=field["psf"], config=cfg, photometry=True, jobs=1)
+    assert summary["status"] == "ok" and "aperture" not in summary["outputs"]
+    galaxy, _ = read_sphot(tmp_path / "sim_sphot.h5")
+    assert "fewer than 5" in galaxy.meta["aperture_error"]
+    assert (tmp_path / "sim_galaxy.csv").exists()
