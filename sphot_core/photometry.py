@@ -49,7 +49,7 @@ from scipy.sparse import linalg as splinalg
 from scipy.spatial import cKDTree
 
 from .data import SourceTable
-from .errors import InputError
+from .errors import DegenerateCutoutError, InputError
 from .flags import SOURCE_FLAGS
 from .psf import PSFModel, add_stamps
 from .stages import PointSourceResult
@@ -57,7 +57,11 @@ from .stats import background_sigma, clipped_stats, noise_map
 
 __all__ = [
     "DEFAULT_STAMP_TOLERANCE",
+    "StampOptions",
+    "FittedOptions",
     "PixelSystem",
+    "FitInputs",
+    "fit_inputs",
     "CachedPSF",
     "usable_pixels",
     "prepare_noise",
@@ -101,6 +105,52 @@ DEFAULT_STAMP_TOLERANCE = 0.03
 _DERIV_STEP = 0.02
 #: relative ridge added to the diagonal of normal matrices (duplicates stay solvable)
 _RIDGE = 1e-10
+
+
+# ---------------------------------------------------------------------- options
+
+
+@attrs.frozen
+class StampOptions:
+    """Options shared by every point-source fitter and refit: the stamp rule and the fit box.
+
+    Attributes
+    ----------
+    stamp_tolerance : float
+        Per-source stamp rule: PSF wing pixels brighter than this fraction of the noise
+        are inside the stamp (:func:`stamp_halves`).
+    fit_box_fwhm : float
+        Half-size of the fit box in PSF FWHM (at least 2 px): position derivatives,
+        quality cuts, ``qfit``/``cfit`` (:func:`fit_half_size`).
+    """
+
+    stamp_tolerance: float = attrs.field(
+        default=DEFAULT_STAMP_TOLERANCE,
+        validator=attrs.validators.gt(0),
+        metadata={"help": "Stamp rule: PSF wing pixels brighter than this fraction of the noise are in the stamp."},
+    )
+    fit_box_fwhm: float = attrs.field(
+        default=1.0,
+        validator=attrs.validators.gt(0),
+        metadata={"help": "Half-size of the fit box in PSF FWHM (at least 2 px)."},
+    )
+
+
+@attrs.frozen
+class FittedOptions(StampOptions):
+    """:class:`StampOptions` of the fitters whose sources have positions fitted on the image.
+
+    Attributes
+    ----------
+    flux_bias_correction : bool
+        Correct the fluxes for the bias of positions fitted on the same image
+        (:func:`debias_flux`).
+    """
+
+    flux_bias_correction: bool = attrs.field(
+        default=True,
+        metadata={"help": "Correct the fluxes for the bias of positions fitted on the same image."},
+    )
 
 
 # ------------------------------------------------------------------------- pixels
@@ -269,6 +319,85 @@ class PixelSystem:
     @property
     def size(self) -> int:
         return self.inv_sigma.size
+
+
+@attrs.frozen(eq=False)
+class FitInputs:
+    """The checked inputs of a point-source fit (see :func:`fit_inputs`).
+
+    Attributes
+    ----------
+    image : ndarray
+        The 2-D image (float).
+    system : PixelSystem
+        Usable pixels (finite data, not masked, finite positive noise) and the noise map.
+    exclude : ndarray of bool
+        Pixels where no new source may be placed (all False when none was given).
+    """
+
+    image: np.ndarray
+    system: PixelSystem
+    exclude: np.ndarray
+
+    @property
+    def valid(self) -> np.ndarray:
+        return self.system.valid
+
+    @property
+    def noise(self) -> np.ndarray:
+        return self.system.noise
+
+
+def fit_inputs(
+    image,
+    noise,
+    mask=None,
+    exclude=None,
+    *,
+    where: str,
+    noise_box_size: int = 32,
+    require_pixels: bool = False,
+) -> FitInputs:
+    """Check the inputs of a point-source fit and index its usable pixels.
+
+    The usable pixels (:func:`usable_pixels`) give the noise map (:func:`prepare_noise`,
+    estimated in boxes of ``noise_box_size`` when ``noise`` is None), then the pixels
+    with a finite positive noise form the :class:`PixelSystem`.
+
+    Parameters
+    ----------
+    image : array_like
+        2-D image, NaN = no data.
+    noise : None, float or ndarray
+    mask, exclude : ndarray of bool, optional
+        Pixels not to use; pixels where no new source may be placed. Both must have the
+        image's shape.
+    where : str
+        Who is asking (starts the error messages).
+    noise_box_size : int
+        Box size (px) of an estimated noise map.
+    require_pixels : bool
+        Raise :class:`~sphot_core.errors.DegenerateCutoutError` when no pixel is usable.
+
+    Raises
+    ------
+    InputError
+        The image is not 2-D, or ``mask``, ``exclude`` or ``noise`` has the wrong shape.
+    """
+    img = np.asarray(image, dtype=float)
+    if img.ndim != 2:
+        raise InputError(f"{where}: image must be 2-D, got shape {img.shape}")
+    valid = usable_pixels(img, mask)
+    if require_pixels and not valid.any():
+        raise DegenerateCutoutError(f"{where}: the image has no usable pixel (all NaN or masked)")
+    if exclude is None:
+        excl = np.zeros(img.shape, dtype=bool)
+    else:
+        excl = np.asarray(exclude, dtype=bool)
+        if excl.shape != img.shape:
+            raise InputError(f"{where}: exclude shape {excl.shape} differs from the image shape {img.shape}")
+    noise_arr = prepare_noise(img, noise, valid, noise_box_size)
+    return FitInputs(img, PixelSystem.build(img, noise_arr, valid), excl)
 
 
 # ------------------------------------------------------------------ stamp sizes
@@ -1294,7 +1423,7 @@ def finalize(
     the fitted flux, neighbours known), ``qfit``/``cfit`` on the fit box,
     SPREAD_MODEL and its error, and sets afresh (the bits given in ``flags`` are
     replaced) the flags ``EDGE`` (fit box beyond the image), ``NEAR_NODATA`` (an unusable
-    pixel within 1 FWHM), ``BLENDED`` (another source within 1 FWHM) and ``SINGULAR`` (no
+    image pixel within 1 FWHM; pixels beyond the border do not count), ``BLENDED`` (another source within 1 FWHM) and ``SINGULAR`` (no
     finite flux error); the other given bits are kept. ``noise_level`` is the clipped
     robust sigma of the final residual on the usable pixels.
     """
@@ -1307,7 +1436,8 @@ def finalize(
     noise = system.noise
     valid = system.valid
     n = x.size
-    halves = stamp_halves(psf, flux, noise_at(noise, valid, x, y), tolerance, fit_half)
+    sigma = noise_at(noise, valid, x, y)
+    halves = stamp_halves(psf, flux, sigma, tolerance, fit_half)
     fisher = _fisher(psf, x, y, flux, noise, valid, halves, fit_half)
     if positions_fitted and n:
         with np.errstate(divide="ignore", invalid="ignore"):
@@ -1318,12 +1448,14 @@ def finalize(
         fisher[:, 1:, 0] *= r[:, None]
         fisher[:, 1:, 1:] *= (r**2)[:, None, None]
         flux = corrected
-    model = render_table(system.shape, psf, x, y, flux, noise, valid, tolerance=tolerance, fit_half=fit_half)
+        halves = stamp_halves(psf, flux, sigma, tolerance, fit_half)
+    # the table rendered (what render_table gives for these fluxes)
+    model = model_image(system.shape, psf, x, y, flux, halves)
     residual = np.where(system.valid, image - model, np.nan)
     if n:
         _, sx, sy = _bounds(fisher, flux)
         diag = box_diagnostics(residual, noise, valid, x, y, flux, fit_half)
-        spread, spread_err = spread_model(residual, noise, valid, psf, x, y, flux, max(2, int(np.ceil(2 * psf.fwhm))))
+        spread, spread_err = spread_model(residual, noise, valid, psf, x, y, flux, fit_half_size(psf, 2.0))
         ix, iy = _nearest(x, y)
         ny, nx = system.shape
         edge = (ix - fit_half < 0) | (iy - fit_half < 0) | (ix + fit_half >= nx) | (iy + fit_half >= ny)
@@ -1331,7 +1463,8 @@ def finalize(
         r = max(1, int(np.ceil(psf.fwhm)))
         kk = np.arange(-r, r + 1)
         disc = (kk[:, None] ** 2 + kk[None, :] ** 2) <= psf.fwhm**2
-        near_bad = (~_window(valid, ix, iy, r, False) & disc).any(axis=(1, 2))
+        # pixels beyond the image border are not no-data (the border is EDGE's business)
+        near_bad = (~_window(valid, ix, iy, r, True) & disc).any(axis=(1, 2))
         flags[near_bad] |= SOURCE_FLAGS.NEAR_NODATA
         if n > 1:
             d, _ = cKDTree(np.c_[x, y]).query(np.c_[x, y], k=2)

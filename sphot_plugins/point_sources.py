@@ -15,7 +15,7 @@ import numpy as np
 
 from sphot_core import photometry as ph
 from sphot_core.data import SourceTable
-from sphot_core.errors import DegenerateCutoutError, FitError, InputError, SphotError
+from sphot_core.errors import FitError, InputError, SphotError
 from sphot_core.flags import SOURCE_FLAGS
 from sphot_core.hookspecs import StrategySpec
 from sphot_core.stages import PointSourceFitter, PointSourceResult
@@ -39,8 +39,15 @@ def _check_th_max(instance, attribute, value):
 
 
 @attrs.frozen
-class LadderOptions:
+class LadderOptions(ph.FittedOptions):
     """Options of the ``ladder`` point-source fitter (TOML table ``[psf.ladder]``).
+
+    Besides ``stamp_tolerance`` (PSF wing pixels brighter than this fraction of the
+    noise are inside the stamp), ``fit_box_fwhm`` (half-size of the fit box in PSF
+    FWHM, at least 2 px) and ``flux_bias_correction`` (correct the fluxes of the
+    ladder's table, handed to the refit or returned without one, for the bias of
+    positions fitted on the same image; refits that re-solve the fluxes have their own)
+    from :class:`sphot_core.photometry.FittedOptions`:
 
     Attributes
     ----------
@@ -71,20 +78,12 @@ class LadderOptions:
     raise_error : bool
         Raise a :class:`~sphot_core.errors.FitError` when a pass or the refit fails
         instead of logging the error and going on.
-    stamp_tolerance : float
-        Per-source stamp rule: PSF wing pixels brighter than this fraction of the noise
-        are inside the stamp (:func:`sphot_core.photometry.stamp_halves`).
-    fit_box_fwhm : float
-        Half-size of the fit box in PSF FWHM (at least 2 px).
     max_shift_fwhm : float
         Largest distance (in FWHM) a fitted position may move from its detection.
     position_iterations : int
         Gauss-Newton iterations of each pass's joint position fit.
     noise_box_size : int
         Box size (px) of the noise map estimated when no noise is given.
-    flux_bias_correction : bool
-        Without a refit: correct the fluxes for the bias of positions fitted on the
-        same image (:func:`sphot_core.photometry.debias_flux`); refits have their own.
     """
 
     th_min: float = attrs.field(default=5.0, validator=_positive)
@@ -102,12 +101,9 @@ class LadderOptions:
     cuts_pos_diff_median_factor: float = attrs.field(default=3.0, validator=_positive)
     cuts_flux_SNR_min: float = attrs.field(default=1.0, validator=_non_negative)
     raise_error: bool = False
-    stamp_tolerance: float = attrs.field(default=ph.DEFAULT_STAMP_TOLERANCE, validator=_positive)
-    fit_box_fwhm: float = attrs.field(default=1.0, validator=_positive)
     max_shift_fwhm: float = attrs.field(default=1.0, validator=_positive)
     position_iterations: int = attrs.field(default=8, validator=attrs.validators.ge(1))
     noise_box_size: int = attrs.field(default=32, validator=attrs.validators.ge(8))
-    flux_bias_correction: bool = True
 
     @property
     def cut_settings(self) -> ph.CutSettings:
@@ -118,29 +114,6 @@ class LadderOptions:
             drift_factor=self.cuts_pos_diff_median_factor,
             snr_min=self.cuts_flux_SNR_min,
         )
-
-
-def _as_image(image) -> np.ndarray:
-    img = np.asarray(image, dtype=float)
-    if img.ndim != 2:
-        raise InputError(f"point sources: image must be 2-D, got shape {img.shape}")
-    return img
-
-
-def _exclusion(exclude, shape) -> np.ndarray:
-    if exclude is None:
-        return np.zeros(shape, dtype=bool)
-    ex = np.asarray(exclude, dtype=bool)
-    if ex.shape != shape:
-        raise InputError(f"point sources: exclude shape {ex.shape} differs from the image shape {shape}")
-    return ex
-
-
-def _usable(image, mask, where: str) -> np.ndarray:
-    valid = ph.usable_pixels(image, mask)
-    if not valid.any():
-        raise DegenerateCutoutError(f"{where}: the image has no usable pixel (all NaN or masked)")
-    return valid
 
 
 @attrs.define
@@ -181,12 +154,12 @@ class LadderFitter(PointSourceFitter):
 
     def fit(self, image, noise, psf, *, mask=None, exclude=None, positions=None, refit=None) -> PointSourceResult:
         o = self.options
-        img = _as_image(image)
-        valid = _usable(img, mask, "point sources (ladder)")
-        excl = _exclusion(exclude, img.shape)
+        inputs = ph.fit_inputs(
+            image, noise, mask, exclude, where="point sources (ladder)", noise_box_size=o.noise_box_size,
+            require_pixels=True,
+        )
+        img, valid, excl, noise_arr = inputs.image, inputs.valid, inputs.exclude, inputs.noise
         noise_given = noise is not None
-        noise_arr = ph.prepare_noise(img, noise, valid, o.noise_box_size)
-        valid &= np.isfinite(noise_arr) & (noise_arr > 0)
         model_psf, psf = psf, ph.CachedPSF(psf)
         resid, cat, stats = self._ladder(img, noise_arr, valid, excl, psf)
         if not noise_given:
@@ -195,6 +168,10 @@ class LadderFitter(PointSourceFitter):
         system = ph.PixelSystem.build(img, noise_arr, valid)
         keep = self._cuts(resid, system, psf, cat, stats)
         x, y, flux, flux_err = (cat.column(k)[keep] for k in ("x", "y", "flux", "flux_err"))
+        if o.flux_bias_correction:
+            # positions and fluxes were fitted on this image: the table handed on (to the
+            # refit, or returned) carries fluxes corrected for that bias, once
+            flux = ph.debias_flux(flux, flux_err)
         table = SourceTable.from_columns(x, y, flux, flux_err=flux_err)
         result = None
         if refit is not None:
@@ -202,8 +179,7 @@ class LadderFitter(PointSourceFitter):
         if result is None:
             result = ph.finalize(
                 img, system, psf, x, y, flux, flux_err, 0,
-                tolerance=o.stamp_tolerance, fit_half=ph.fit_half_size(psf, o.fit_box_fwhm),
-                positions_fitted=o.flux_bias_correction, stats={},
+                tolerance=o.stamp_tolerance, fit_half=ph.fit_half_size(psf, o.fit_box_fwhm), stats={},
             )
         merged = dict(stats)
         merged.update({k: v for k, v in result.stats.items() if k not in merged})
@@ -353,23 +329,20 @@ class LadderFitter(PointSourceFitter):
 
 
 @attrs.frozen
-class ForcedOptions:
+class ForcedOptions(ph.StampOptions):
     """Options of ``forced`` photometry (TOML table ``[psf.forced]``).
+
+    Besides ``stamp_tolerance`` and ``fit_box_fwhm`` (fit box of ``qfit``/``cfit``)
+    from :class:`sphot_core.photometry.StampOptions`:
 
     Attributes
     ----------
-    stamp_tolerance : float
-        Per-source stamp rule (see :func:`sphot_core.photometry.stamp_halves`).
-    fit_box_fwhm : float
-        Half-size of the fit box (``qfit``/``cfit``) in PSF FWHM.
     low_snr : float
         Sources with ``flux < low_snr * flux_err`` get the ``LOW_SNR`` flag.
     noise_box_size : int
         Box size (px) of the noise map estimated when no noise is given.
     """
 
-    stamp_tolerance: float = attrs.field(default=ph.DEFAULT_STAMP_TOLERANCE, validator=_positive)
-    fit_box_fwhm: float = attrs.field(default=1.0, validator=_positive)
     low_snr: float = attrs.field(default=3.0, validator=_non_negative)
     noise_box_size: int = attrs.field(default=32, validator=attrs.validators.ge(8))
 
@@ -397,12 +370,12 @@ class ForcedFitter(PointSourceFitter):
         y = np.atleast_1d(np.asarray(positions[1], dtype=float))
         if x.shape != y.shape or x.ndim != 1:
             raise InputError(f"forced photometry: x and y positions differ in shape ({x.shape} vs {y.shape})")
-        img = _as_image(image)
+        inputs = ph.fit_inputs(
+            image, noise, mask, exclude, where="forced photometry", noise_box_size=o.noise_box_size,
+            require_pixels=True,
+        )
+        img, valid, excl, system = inputs.image, inputs.valid, inputs.exclude, inputs.system
         psf = ph.CachedPSF(psf)
-        valid = _usable(img, mask, "forced photometry")
-        excl = _exclusion(exclude, img.shape)
-        noise_arr = ph.prepare_noise(img, noise, valid, o.noise_box_size)
-        valid &= np.isfinite(noise_arr) & (noise_arr > 0)
         ny, nx = img.shape
         finite = np.isfinite(x) & np.isfinite(y)
         inside = finite & (x >= -0.5) & (x < nx - 0.5) & (y >= -0.5) & (y < ny - 0.5)
@@ -414,7 +387,6 @@ class ForcedFitter(PointSourceFitter):
         }
         ids = np.flatnonzero(usable) + 1
         x, y = x[usable], y[usable]
-        system = ph.PixelSystem.build(img, noise_arr, valid)
         core = ph.fit_half_size(psf, o.fit_box_fwhm)
         sol = ph.solve_fluxes(
             system, psf, x, y, np.zeros(x.size), tolerance=o.stamp_tolerance, minimum_half=core, wings=True

@@ -18,13 +18,12 @@ import attrs
 import numpy as np
 
 from sphot_core import photometry as ph
-from sphot_core.errors import InputError
 from sphot_core.flags import SOURCE_FLAGS
 from sphot_core.hookspecs import StrategySpec
 from sphot_core.stages import PointSourceResult, RefitStrategy
 from sphot_core.stats import background_sigma
 
-__all__ = ["NnlsOptions", "NnlsRefit", "IterativeOptions", "IterativeRefit", "NoRefit", "SPECS"]
+__all__ = ["NnlsOptions", "NnlsRefit", "IterativeOptions", "IterativeRefit", "NoRefitOptions", "NoRefit", "SPECS"]
 
 log = logging.getLogger(__name__)
 
@@ -32,17 +31,10 @@ _positive = attrs.validators.gt(0)
 _non_negative = attrs.validators.ge(0)
 
 
-def _setup(image, noise, mask, exclude, fit_box_fwhm, psf):
-    """Image, usable pixels, exclusion mask, pixel system, fit-box half-size and cached PSF."""
-    img = np.asarray(image, dtype=float)
-    if img.ndim != 2:
-        raise InputError(f"refit: image must be 2-D, got shape {img.shape}")
-    valid = ph.usable_pixels(img, mask)
-    noise_arr = ph.prepare_noise(img, noise, valid)
-    valid &= np.isfinite(noise_arr) & (noise_arr > 0)
-    excl = np.zeros(img.shape, dtype=bool) if exclude is None else np.asarray(exclude, dtype=bool)
-    system = ph.PixelSystem.build(img, noise_arr, valid)
-    return img, valid, excl, system, ph.fit_half_size(psf, fit_box_fwhm), ph.CachedPSF(psf)
+def _setup(image, noise, mask, exclude, options, psf):
+    """Checked inputs (:func:`sphot_core.photometry.fit_inputs`), fit-box half-size and cached PSF."""
+    inputs = ph.fit_inputs(image, noise, mask, exclude, where="refit")
+    return inputs, ph.fit_half_size(psf, options.fit_box_fwhm), ph.CachedPSF(psf)
 
 
 def _usable_sources(sources, valid, stats):
@@ -52,25 +44,48 @@ def _usable_sources(sources, valid, stats):
     return sources.select(on)
 
 
-def _leftover_positions(system, psf, resid, x, y, core, bound):
-    """Fit positions and fluxes of leftover peaks on the residual (others subtracted).
+def _leftovers(inputs, psf, resid, x, y, flux, core, *, k_sigma, box_size, dedup_psfsigma, stats):
+    """One pass of the leftover search: new sources on the residual (others subtracted).
 
-    Leftovers that end off the usable pixels are dropped, and so are those that run to
+    Peaks of ``resid/noise`` above ``k_sigma`` times its background sigma
+    (:func:`sphot_core.photometry.find_leftover_peaks`), not in ``exclude`` and not
+    within ``dedup_psfsigma`` PSF sigmas of a source with positive flux, get their
+    position and flux fitted on the residual (within 0.5 FWHM). Leftovers that end off
+    the usable pixels or in ``exclude`` are dropped, and so are those that run to
     their position bound with unusable pixels in their fit box: they chase the light of
     a source hidden in the no-data region.
+
+    Returns
+    -------
+    tuple of ndarray or None
+        ``(x, y, flux)`` of the new sources (appending their number to
+        ``stats["leftovers_added"]``), or None when no peak qualified.
     """
+    system, excl = inputs.system, inputs.exclude
+    lx, ly, strength = ph.find_leftover_peaks(resid, system.noise, system.valid, k_sigma, box_size)
+    keep = ~ph.pixel_value(excl, lx, ly, fill=True)
+    live = flux > 0
+    keep &= ph.dedup(lx, ly, strength, x[live], y[live], dedup_psfsigma * psf.sigma)
+    if not keep.any():
+        return None
     fit = ph.fit_positions(
-        system.with_image(resid), psf, x, y, np.zeros(x.size), bound=bound, core_half=core, halves=core
+        system.with_image(resid), psf, lx[keep], ly[keep], np.zeros(np.count_nonzero(keep)),
+        bound=0.5 * psf.fwhm, core_half=core, halves=core,
     )
     fx, fy = fit["x"], fit["y"]
     near_nodata = ~ph.box_usable(system.valid, fx, fy, core)
     ok = (fit["flux"] > 0) & ph.pixel_value(system.valid, fx, fy, fill=False) & ~(fit["at_bound"] & near_nodata)
+    ok &= ~ph.pixel_value(excl, fx, fy, fill=True)
+    stats["leftovers_added"].append(int(np.count_nonzero(ok)))
     return fx[ok], fy[ok], fit["flux"][ok]
 
 
 @attrs.frozen
-class NnlsOptions:
+class NnlsOptions(ph.FittedOptions):
     """Options of the ``nnls`` refit (TOML table ``[refit.nnls]``).
+
+    Besides ``stamp_tolerance``, ``fit_box_fwhm`` and ``flux_bias_correction``
+    (:class:`sphot_core.photometry.FittedOptions`):
 
     Attributes
     ----------
@@ -82,22 +97,12 @@ class NnlsOptions:
         Leftover peaks within this many PSF sigmas of a source are ignored.
     leftover_box_size : int
         ``find_peaks`` box size (px).
-    stamp_tolerance : float
-        Per-source stamp rule (:func:`sphot_core.photometry.stamp_halves`).
-    fit_box_fwhm : float
-        Half-size of the fit box in PSF FWHM.
-    flux_bias_correction : bool
-        Correct the fluxes for the bias of positions fitted on the same image
-        (:func:`sphot_core.photometry.debias_flux`).
     """
 
     leftover_max_iterations: int = attrs.field(default=3, validator=_non_negative)
     leftover_detect_k_sigma: float = attrs.field(default=5.0, validator=_positive)
     leftover_dedup_psfsigma: float = attrs.field(default=1.5, validator=_non_negative)
     leftover_box_size: int = attrs.field(default=3, validator=attrs.validators.ge(3))
-    stamp_tolerance: float = attrs.field(default=ph.DEFAULT_STAMP_TOLERANCE, validator=_positive)
-    fit_box_fwhm: float = attrs.field(default=1.0, validator=_positive)
-    flux_bias_correction: bool = True
 
 
 class NnlsRefit(RefitStrategy):
@@ -114,9 +119,10 @@ class NnlsRefit(RefitStrategy):
 
     def refit(self, image, noise, psf, sources, *, mask=None, exclude=None) -> PointSourceResult:
         o = self.options
-        img, valid, excl, system, core, psf = _setup(image, noise, mask, exclude, o.fit_box_fwhm, psf)
+        inputs, core, psf = _setup(image, noise, mask, exclude, o, psf)
+        img, system = inputs.image, inputs.system
         stats: Dict[str, Any] = {"refit": "nnls", "leftovers_added": []}
-        sources = _usable_sources(sources, valid, stats)
+        sources = _usable_sources(sources, system.valid, stats)
         x = np.asarray(sources.x, dtype=float)
         y = np.asarray(sources.y, dtype=float)
         flags = np.asarray(sources.flags, dtype=np.int64)
@@ -125,20 +131,13 @@ class NnlsRefit(RefitStrategy):
         stats["solver_iterations"] = [sol.info["iterations"]]
         for _ in range(o.leftover_max_iterations):
             resid = img - ph.model_image(img.shape, psf, x, y, sol.flux, sol.halves)
-            lx, ly, snr = ph.find_leftover_peaks(
-                resid, system.noise, valid, o.leftover_detect_k_sigma, o.leftover_box_size
+            found = _leftovers(
+                inputs, psf, resid, x, y, sol.flux, core, k_sigma=o.leftover_detect_k_sigma,
+                box_size=o.leftover_box_size, dedup_psfsigma=o.leftover_dedup_psfsigma, stats=stats,
             )
-            keep = ~ph.pixel_value(excl, lx, ly, fill=True)
-            live = sol.flux > 0
-            keep &= ph.dedup(lx, ly, snr, x[live], y[live], o.leftover_dedup_psfsigma * psf.sigma)
-            if not keep.any():
+            if found is None or found[0].size == 0:
                 break
-            lx, ly, lf = _leftover_positions(system, psf, resid, lx[keep], ly[keep], core, 0.5 * psf.fwhm)
-            lx_ok = ~ph.pixel_value(excl, lx, ly, fill=True)
-            lx, ly, lf = lx[lx_ok], ly[lx_ok], lf[lx_ok]
-            stats["leftovers_added"].append(int(lx.size))
-            if lx.size == 0:
-                break
+            lx, ly, lf = found
             x, y = np.r_[x, lx], np.r_[y, ly]
             flags = np.r_[flags, np.full(lx.size, SOURCE_FLAGS.LEFTOVER, dtype=np.int64)]
             sol = ph.solve_fluxes(system, psf, x, y, np.r_[sol.flux, lf], **kw)
@@ -157,8 +156,11 @@ class NnlsRefit(RefitStrategy):
 
 
 @attrs.frozen
-class IterativeOptions:
+class IterativeOptions(ph.FittedOptions):
     """Options of the ``iterative`` refit (TOML table ``[refit.iterative]``).
+
+    Besides ``stamp_tolerance``, ``fit_box_fwhm`` and ``flux_bias_correction``
+    (:class:`sphot_core.photometry.FittedOptions`):
 
     Attributes
     ----------
@@ -181,13 +183,6 @@ class IterativeOptions:
         and the fit repeated.
     position_iterations : int
         Gauss-Newton steps per outer iteration.
-    stamp_tolerance : float
-        Per-source stamp rule (:func:`sphot_core.photometry.stamp_halves`).
-    fit_box_fwhm : float
-        Half-size of the fit box (position derivatives, ``qfit``/``cfit``) in PSF FWHM.
-    flux_bias_correction : bool
-        Correct the fluxes for the bias of positions fitted on the same image
-        (:func:`sphot_core.photometry.debias_flux`).
     """
 
     max_iterations: int = attrs.field(default=5, validator=attrs.validators.ge(1))
@@ -198,9 +193,6 @@ class IterativeOptions:
     leftover_box_size: int = attrs.field(default=3, validator=attrs.validators.ge(3))
     catastrophic_flux_factor: float = attrs.field(default=20.0, validator=attrs.validators.gt(1))
     position_iterations: int = attrs.field(default=4, validator=attrs.validators.ge(1))
-    stamp_tolerance: float = attrs.field(default=ph.DEFAULT_STAMP_TOLERANCE, validator=_positive)
-    fit_box_fwhm: float = attrs.field(default=1.0, validator=_positive)
-    flux_bias_correction: bool = True
 
 
 class IterativeRefit(RefitStrategy):
@@ -221,7 +213,8 @@ class IterativeRefit(RefitStrategy):
 
     def refit(self, image, noise, psf, sources, *, mask=None, exclude=None) -> PointSourceResult:
         o = self.options
-        img, valid, excl, system, core, psf = _setup(image, noise, mask, exclude, o.fit_box_fwhm, psf)
+        inputs, core, psf = _setup(image, noise, mask, exclude, o, psf)
+        img, system, valid = inputs.image, inputs.system, inputs.valid
         stats: Dict[str, Any] = {
             "refit": "iterative", "leftovers_added": [], "catastrophic": 0, "moved_off_data": 0, "residual_sigma": []
         }
@@ -232,8 +225,9 @@ class IterativeRefit(RefitStrategy):
         ax, ay = x.copy(), y.copy()
         flags = np.asarray(sources.flags, dtype=np.int64) & ~SOURCE_FLAGS.POSITION_AT_BOUND
         prev = None
-        fit = None
         iteration = 0
+        # max_iterations >= 1, and leftovers are only added while another iteration is
+        # allowed: the loop always ends on a fit of the current sources
         while iteration < o.max_iterations:
             fit = ph.fit_positions(
                 system, psf, x, y, start, anchor_x=ax, anchor_y=ay, bound=o.xy_bounds, core_half=core,
@@ -241,7 +235,7 @@ class IterativeRefit(RefitStrategy):
             )
             bad = ~np.isfinite(fit["flux"]) | ((start > 0) & (fit["flux"] > o.catastrophic_flux_factor * start))
             fx, fy = fit["x"], fit["y"]
-            off = ~ph.pixel_value(valid, fx, fy, fill=False) | ph.pixel_value(excl, fx, fy, fill=False)
+            off = ~ph.pixel_value(valid, fx, fy, fill=False) | ph.pixel_value(inputs.exclude, fx, fy, fill=False)
             if bad.any() or off.any():
                 stats["catastrophic"] += int(np.count_nonzero(bad))
                 stats["moved_off_data"] += int(np.count_nonzero(off & ~bad))
@@ -258,29 +252,16 @@ class IterativeRefit(RefitStrategy):
             prev = sigma
             if iteration >= o.max_iterations:
                 break
-            lx, ly, strength = ph.find_leftover_peaks(
-                resid, system.noise, valid, o.detect_threshold, o.leftover_box_size
+            found = _leftovers(
+                inputs, psf, resid, x, y, fit["flux"], core, k_sigma=o.detect_threshold,
+                box_size=o.leftover_box_size, dedup_psfsigma=o.dedup_psfsigma, stats=stats,
             )
-            keep = ~ph.pixel_value(excl, lx, ly, fill=True)
-            live = fit["flux"] > 0
-            keep &= ph.dedup(lx, ly, strength, x[live], y[live], o.dedup_psfsigma * psf.sigma)
-            if not keep.any():
+            if found is None or found[0].size == 0:
                 break
-            lx, ly, lf = _leftover_positions(system, psf, resid, lx[keep], ly[keep], core, 0.5 * psf.fwhm)
-            ok = ~ph.pixel_value(excl, lx, ly, fill=True)
-            lx, ly, lf = lx[ok], ly[ok], lf[ok]
-            stats["leftovers_added"].append(int(lx.size))
-            if lx.size == 0:
-                break
+            lx, ly, lf = found
             start = np.r_[fit["flux"], lf]
             x, y, ax, ay = np.r_[x, lx], np.r_[y, ly], np.r_[ax, lx], np.r_[ay, ly]
             flags = np.r_[flags, np.full(lx.size, SOURCE_FLAGS.LEFTOVER, dtype=np.int64)]
-            fit = None
-        if fit is None:  # leftovers were added on the last allowed iteration
-            fit = ph.fit_positions(
-                system, psf, x, y, start, anchor_x=ax, anchor_y=ay, bound=o.xy_bounds, core_half=core,
-                tolerance=o.stamp_tolerance, iterations=o.position_iterations, wings=True,
-            )
         flags = flags | np.where(fit["at_bound"], SOURCE_FLAGS.POSITION_AT_BOUND, 0)
         live = fit["flux"] > 0
         stats["dropped_zero_flux"] = int(np.count_nonzero(~live))
@@ -299,38 +280,33 @@ class IterativeRefit(RefitStrategy):
 
 
 @attrs.frozen
-class NoRefitOptions:
+class NoRefitOptions(ph.FittedOptions):
     """Options of the ``none`` refit (TOML table ``[refit.none]``).
 
-    Attributes
-    ----------
-    stamp_tolerance : float
-        Stamp rule used to render the model (:func:`sphot_core.photometry.stamp_halves`).
-    fit_box_fwhm : float
-        Half-size of the fit box (``qfit``/``cfit``) in PSF FWHM.
-    flux_bias_correction : bool
-        Correct the fluxes for the bias of positions fitted on the same image
-        (:func:`sphot_core.photometry.debias_flux`).
+    ``stamp_tolerance`` and ``fit_box_fwhm`` set the model rendering and the fit box of
+    ``qfit``/``cfit``. ``none`` keeps the fluxes it is given (a detecting fitter hands
+    over fluxes already corrected for the position-fitting bias), so
+    ``flux_bias_correction`` only matters to flux re-solves configured from these options.
     """
-
-    stamp_tolerance: float = attrs.field(default=ph.DEFAULT_STAMP_TOLERANCE, validator=_positive)
-    fit_box_fwhm: float = attrs.field(default=1.0, validator=_positive)
-    flux_bias_correction: bool = True
 
 
 class NoRefit(RefitStrategy):
-    """Keep the sources as they are: the model is the table rendered, errors unchanged."""
+    """Keep the sources as they are: the model is the table rendered, fluxes and errors unchanged.
+
+    The fluxes are not corrected again for the position-fitting bias: the detecting
+    fitter did that where it fitted the positions, and applying ``none`` to its own
+    output (the engine's warm iterations) must leave the fluxes alone.
+    """
 
     name = "none"
     Options = NoRefitOptions
 
     def refit(self, image, noise, psf, sources, *, mask=None, exclude=None) -> PointSourceResult:
         o = self.options
-        img, valid, excl, system, core, psf = _setup(image, noise, mask, exclude, o.fit_box_fwhm, psf)
+        inputs, core, psf = _setup(image, noise, mask, exclude, o, psf)
         return ph.finalize(
-            img, system, psf, sources.x, sources.y, sources.flux, sources.flux_err, sources.flags,
-            tolerance=o.stamp_tolerance, fit_half=core, positions_fitted=o.flux_bias_correction,
-            stats={"refit": "none"},
+            inputs.image, inputs.system, psf, sources.x, sources.y, sources.flux, sources.flux_err, sources.flags,
+            tolerance=o.stamp_tolerance, fit_half=core, stats={"refit": "none"},
         )
 
 

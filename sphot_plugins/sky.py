@@ -59,20 +59,25 @@ def robust_polynomial_sky(
     ``(x_ref, y_ref)`` the image centre (pixel-centre coordinates). Pixels are weighted
     by ``1/noise**2`` when a noise map is given. After each fit, pixels whose normalised
     residual lies more than ``clip_sigma`` robust sigmas (1.4826 MAD) from its median
-    are rejected, until the set no longer changes.
+    are rejected and the fit repeated, until the set no longer changes (at most
+    ``maxiters`` fits).
 
     Returns
     -------
     dict
         ``image`` (the sky, finite everywhere), ``params`` (``level``, ``slope_x``,
         ``slope_y``, ``level_err``, ``x_ref``, ``y_ref``, ``n_pixels``, ``n_clipped``,
-        ``iterations``).
+        ``iterations``); ``n_pixels``/``n_clipped`` count the pixels of the last fit.
 
     Raises
     ------
+    ValueError
+        ``degree`` is neither 0 nor 1.
     FitError
         Fewer than ``min_pixels`` usable pixels.
     """
+    if degree not in (0, 1):
+        raise ValueError(f"sky: degree must be 0 (constant) or 1 (plane), got {degree!r}")
     r = np.asarray(residual, dtype=float)
     if r.ndim != 2:
         raise InputError(f"sky: residual must be 2-D, got shape {r.shape}")
@@ -107,7 +112,8 @@ def robust_polynomial_sky(
         med = np.median(z[keep])
         s = MAD_TO_SIGMA * np.median(np.abs(z[keep] - med))
         new = np.abs(z - med) <= clip_sigma * s if s > 0 else keep
-        if np.array_equal(new, keep) or np.count_nonzero(new) < len(cols) + 1:
+        # coef, n_clipped and cov must all belong to the pixel set of the last fit
+        if it == maxiters or np.array_equal(new, keep) or np.count_nonzero(new) < len(cols) + 1:
             break
         keep = new
     a = basis[keep] * weight[keep, None]
@@ -155,7 +161,6 @@ class PlaneSky(_PolynomialSky):
     """Tilted plane fitted robustly (sigma-clipped, noise-weighted) to the residual."""
 
     name = "plane"
-    degree = 1
 
 
 class ConstantSky(_PolynomialSky):

@@ -122,11 +122,30 @@ def test_iterative_drops_catastrophic_fluxes(blend_field):
 def test_none_keeps_the_table(blend_field):
     psf, img, x, y, flux = blend_field
     given = SourceTable.from_columns(x, y, flux, flux_err=np.full(x.size, 3.0))
-    res = _refit("none", {"flux_bias_correction": False}).refit(img, np.ones(SHAPE), psf, given)
+    # default options: ``none`` never corrects the fluxes again (the engine applies it to
+    # its own output every warm iteration, so a correction would compound)
+    res = _refit("none").refit(img, np.ones(SHAPE), psf, given)
     np.testing.assert_array_equal(res.sources.flux, flux)
     np.testing.assert_array_equal(res.sources.flux_err, 3.0)
     full = psf.render(SHAPE, x, y, flux, half=psf.half_extent)
     assert np.abs(res.model - full).max() < ph.DEFAULT_STAMP_TOLERANCE
+    again = _refit("none").refit(img, np.ones(SHAPE), psf, res.sources)
+    np.testing.assert_array_equal(again.sources.flux, flux)
+
+
+def test_ladder_corrects_the_flux_bias_once(blend_field):
+    psf, img, *_ = blend_field
+    ladder = get_registry().create("point_sources", "ladder", {})
+    raw = get_registry().create("point_sources", "ladder", {"flux_bias_correction": False})
+    alone = ladder.fit(img, np.ones(SHAPE), psf)
+    with_none = ladder.fit(img, np.ones(SHAPE), psf, refit=_refit("none"))
+    uncorrected = raw.fit(img, np.ones(SHAPE), psf)
+    # the same table, whether returned directly or through ``none``
+    np.testing.assert_allclose(with_none.sources.flux, alone.sources.flux, rtol=1e-12)
+    # and corrected exactly once: f - sigma**2 / f, the faint sources the most
+    f0, s0 = uncorrected.sources.flux, uncorrected.sources.flux_err
+    np.testing.assert_allclose(alone.sources.flux, ph.debias_flux(f0, s0), rtol=1e-9)
+    assert np.all(alone.sources.flux < f0)
 
 
 def test_refit_options_and_inputs(blend_field):
