@@ -41,7 +41,7 @@ from scipy import ndimage
 from .errors import DegenerateCutoutError, InputError
 from .flags import GALAXY_FLAGS
 from .psf import PSFModel, SersicRenderer
-from .sersic import ModelSpec, model_spec, sersic_flux_gradient, split_params
+from .sersic import N_MAX, N_MIN, ModelSpec, model_spec, sersic_flux_gradient, split_params
 from .stages import SersicResult
 
 __all__ = ["SersicProblem", "make_scale_problem", "LOSSES", "Transform"]
@@ -91,9 +91,11 @@ class Transform:
             return float(engine)
         s = float(_sigmoid(engine))
         if self.kind == "bounded_linear":
-            return self.lower + (hi - self.lower) * s
-        lo = math.log(self.lower)
-        return math.exp(lo + (math.log(hi) - lo) * s)
+            value = self.lower + (hi - self.lower) * s
+        else:
+            lo = math.log(self.lower)
+            value = math.exp(lo + (math.log(hi) - lo) * s)
+        return min(max(value, self.lower), hi)  # no rounding past a bound
 
     def to_engine(self, value: float, upper: Optional[float] = None, margin: float = 1e-3) -> float:
         """Engine value of ``value``; values at or beyond a bound are moved ``margin`` inside."""
@@ -154,6 +156,33 @@ def _base_name(name: str) -> str:
         if name.endswith(sfx):
             return name[: -len(sfx)]
     return name
+
+
+#: the part of each shape parameter's range a Sersic profile supports
+#: (:meth:`sphot_core.sersic.SersicProfile.validate`); theta is unrestricted
+_DOMAIN = {
+    "x_0": (-math.inf, math.inf, "finite"),
+    "y_0": (-math.inf, math.inf, "finite"),
+    "r_eff": (0.0, math.inf, "finite and > 0"),
+    "n": (N_MIN, N_MAX, f"in the supported range {N_MIN:g}..{N_MAX:g}"),
+    "ellip": (0.0, 1.0, "in [0, 1)"),
+}
+
+
+def _check_domain(name: str, lo: float, hi: float, what: str) -> None:
+    """Raise InputError if ``[lo, hi]`` reaches outside the supported domain of ``name``."""
+    base = _base_name(name)
+    if base not in _DOMAIN:
+        return
+    d_lo, d_hi, text = _DOMAIN[base]
+    ok = math.isfinite(lo) and math.isfinite(hi) and d_lo <= lo and hi <= d_hi
+    if base == "r_eff":
+        ok = ok and lo > 0.0
+    elif base == "ellip":
+        ok = ok and hi < 1.0
+    if not ok:
+        shown = f"{lo:g}" if lo == hi else f"({lo:g}, {hi:g})"
+        raise InputError(f"{what} {name!r} {shown} must be {text}")
 
 
 def _moments_start(data: np.ndarray, usable: np.ndarray) -> Dict[str, float]:
@@ -333,11 +362,21 @@ class SersicProblem:
         self.bounds: Dict[str, Tuple[float, float]] = {}
         for name in shape_names:
             lo, hi = user.get(name, user.get(_base_name(name), generic[_base_name(name)]))
-            if not lo < hi and name not in self.pinned:
-                raise InputError(f"bounds of {name!r} are empty: ({lo}, {hi})")
-            self.bounds[name] = (float(lo), float(hi))
-        auto = self._auto_start(data)
-        self.start = {**auto, **{k: float(v) for k, v in (start or {}).items() if k in spec.param_names}, **self.pinned}
+            lo, hi = float(lo), float(hi)
+            if name in self.pinned:
+                _check_domain(name, self.pinned[name], self.pinned[name], "fixed value of")
+            else:
+                if not lo < hi:
+                    raise InputError(f"bounds of {name!r} are empty: ({lo}, {hi})")
+                _check_domain(name, lo, hi, "bounds of")
+            self.bounds[name] = (lo, hi)
+        given = {k: float(v) for k, v in (start or {}).items() if k in spec.param_names}
+        if all(n in given for n in shape_names if n not in self.pinned):
+            # every free shape parameter has a start: no image moments needed (~10 ms on 255^2)
+            auto = {name: 0.0 for name in spec.linear}
+        else:
+            auto = self._auto_start(data)
+        self.start = {**auto, **given, **self.pinned}
         self.coords: List[_Coord] = self._make_coords(shape_names)
         self.free_names: Tuple[str, ...] = tuple(n for c in self.coords for n in c.names)
         self.n_free = len(self.free_names)
@@ -503,6 +542,8 @@ class SersicProblem:
         if plans is None and self._cache[0] == key:
             return self._cache[1]
         try:
+            if not np.all(np.isfinite(q)):
+                raise FloatingPointError("non-finite engine vector")
             with np.errstate(invalid="ignore", over="ignore"):
                 params = self.decode(q)
                 cols, plans = self._columns(params, plans)
@@ -515,7 +556,7 @@ class SersicProblem:
             if reg:
                 resid = np.concatenate([resid, reg])
             out = {"q": q, "params": params, "plans": plans, "cols": cols, "a": a, "u": u, "resid": resid, "ok": True}
-        except (FloatingPointError, InputError, ValueError, OverflowError, np.linalg.LinAlgError) as exc:
+        except (ArithmeticError, np.linalg.LinAlgError) as exc:  # numerical failures only
             self.n_nonfinite += 1
             log.debug("model evaluation failed at engine %s: %s", q, exc)
             size = self.n_pix + (len(self._regularization(self.start)) if self.regularize_aspect else 0)
@@ -588,7 +629,8 @@ class SersicProblem:
         else:
             errors.update({n: float(math.sqrt(max(cov[i, i], 0.0))) for i, n in enumerate(names)})
         flux, flux_err = self._flux(params, names, cov)
-        if not flux > 0 or not (flux_err < flux):
+        # a NaN error (singular covariance) says nothing about the signal
+        if not flux > 0 or (np.isfinite(flux_err) and flux_err >= flux):
             flags |= GALAXY_FLAGS.NO_SIGNAL
             notes.append("the model flux is zero or below its 1-sigma error")
         chi2 = float(ev["u"] @ ev["u"])

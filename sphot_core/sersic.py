@@ -68,10 +68,14 @@ __all__ = [
     "Quadrature",
     "build_quadrature",
     "render_sersic",
+    "N_MIN",
+    "N_MAX",
 ]
 
 #: 2.5 / ln(10): magnitude error per relative flux error
 MAG_PER_LN_FLUX = 2.5 / math.log(10.0)
+#: range of the Sersic index a profile supports (:meth:`SersicProfile.validate`)
+N_MIN, N_MAX = 0.05, 20.0
 
 
 # ----------------------------------------------------------------------------- maths
@@ -185,8 +189,8 @@ class SersicProfile:
         bad = []
         if not (self.r_eff > 0 and np.isfinite(self.r_eff)):
             bad.append(f"r_eff={self.r_eff:g} (must be > 0)")
-        if not (0.05 <= self.n <= 20):
-            bad.append(f"n={self.n:g} (supported 0.05..20)")
+        if not (N_MIN <= self.n <= N_MAX):
+            bad.append(f"n={self.n:g} (supported {N_MIN:g}..{N_MAX:g})")
         if not (0.0 <= self.ellip < 1.0):
             bad.append(f"ellip={self.ellip:g} (must be in [0, 1))")
         if not all(np.isfinite([self.x_0, self.y_0, self.amplitude, self.theta])):

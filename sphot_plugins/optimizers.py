@@ -14,8 +14,9 @@ optimizer only moves the engine vector:
   L-BFGS-B local searches using the problem's gradient.
 * ``lbfgsb`` (alias ``lbfgsb_polish``): L-BFGS-B polish of a previous solution.
 
-Every optimizer returns ``problem.finalize(...)``; a problem without free parameters
-(a scale fit with the centre pinned) is finalized at once.
+Every optimizer returns ``problem.finalize(...)``. A problem without free parameters
+(a scale fit with the centre pinned) never reaches an optimizer: the engine finalizes
+it directly.
 """
 
 from __future__ import annotations
@@ -37,26 +38,13 @@ log = logging.getLogger(__name__)
 
 _positive = v.gt(0)
 #: numerical failures an optimizer may raise on a pathological problem
-_FAILURES = (ValueError, FloatingPointError, ArithmeticError, np.linalg.LinAlgError)
-
-
-def _trivial(problem: Any, name: str) -> Optional[SersicResult]:
-    """The result of a problem with nothing to search, else None."""
-    if problem.n_free:
-        return None
-    return problem.finalize(
-        np.zeros(0),
-        success=True,
-        message="no free shape parameter: linear parameters solved",
-        nfev=problem.nfev,
-        optimizer=name,
-    )
+_FAILURES = (ValueError, ArithmeticError, np.linalg.LinAlgError)
 
 
 def _failed(problem: Any, q, name: str, exc: Exception) -> SersicResult:
     log.warning("%s failed: %s: %s", name, type(exc).__name__, exc)
     message = f"{name} failed: {type(exc).__name__}: {exc}"
-    return problem.finalize(q, success=False, message=message, nfev=problem.nfev, optimizer=name)
+    return problem.finalize(q, success=False, message=message, optimizer=name)
 
 
 # ----------------------------------------------------------------------------- levmar
@@ -99,13 +87,9 @@ class LevMar(SersicFitter):
     Options = LevMarOptions
 
     def fit(self, problem, start: Optional[Mapping[str, float]] = None) -> SersicResult:
-        done = _trivial(problem, self.name)
-        if done is not None:
-            return done
         o = self.options
         q0 = problem.start_engine(start)
         jac = problem.jacobian if o.jacobian == "frozen" else o.jacobian
-        max_nfev = max(o.max_nfev, problem.n_free + 1) if o.method == "lm" else o.max_nfev
         try:
             res = optimize.least_squares(
                 problem.residuals,
@@ -116,12 +100,12 @@ class LevMar(SersicFitter):
                 ftol=o.ftol,
                 xtol=o.xtol,
                 gtol=o.gtol,
-                max_nfev=max_nfev,
+                max_nfev=o.max_nfev,
             )
         except _FAILURES as exc:
             return _failed(problem, q0, self.name, exc)
         success = res.status > 0
-        return problem.finalize(res.x, success=success, message=str(res.message), nfev=problem.nfev, optimizer=self.name)
+        return problem.finalize(res.x, success=success, message=str(res.message), optimizer=self.name)
 
 
 # ------------------------------------------------------------------------ iterative NM
@@ -173,14 +157,12 @@ class IterativeNelderMead(SersicFitter):
         )
 
     def fit(self, problem, start: Optional[Mapping[str, float]] = None) -> SersicResult:
-        done = _trivial(problem, self.name)
-        if done is not None:
-            return done
         o = self.options
         q = problem.start_engine(start)
         try:
-            res = self._run(problem, q, o.rtol_init * problem.loss(q))
-            previous, converged, runs = problem.loss(q), False, 1
+            previous = problem.loss(q)
+            res = self._run(problem, q, o.rtol_init * previous)
+            converged, runs = False, 1
             for _ in range(o.max_iter):
                 if abs(previous - res.fun) <= o.rtol_convergence * max(abs(res.fun), 1e-300):
                     converged = True
@@ -193,7 +175,7 @@ class IterativeNelderMead(SersicFitter):
         except _FAILURES as exc:
             return _failed(problem, q, self.name, exc)
         message = f"{runs} Nelder-Mead run(s); " + ("loss converged" if converged else "restart limit reached")
-        return problem.finalize(res.x, success=converged, message=message, nfev=problem.nfev, optimizer=self.name)
+        return problem.finalize(res.x, success=converged, message=message, optimizer=self.name)
 
 
 # ------------------------------------------------------------------------ annealing
@@ -228,9 +210,6 @@ class DualAnnealing(SersicFitter):
     Options = DualAnnealingOptions
 
     def fit(self, problem, start: Optional[Mapping[str, float]] = None) -> SersicResult:
-        done = _trivial(problem, self.name)
-        if done is not None:
-            return done
         o = self.options
         lo, hi = problem.engine_box
         q0 = np.clip(problem.start_engine(start), lo, hi)
@@ -248,7 +227,7 @@ class DualAnnealing(SersicFitter):
         except _FAILURES as exc:
             return _failed(problem, q0, self.name, exc)
         message = "; ".join(str(m) for m in np.atleast_1d(res.message))
-        return problem.finalize(res.x, success=bool(res.success), message=message, nfev=problem.nfev, optimizer=self.name)
+        return problem.finalize(res.x, success=bool(res.success), message=message, optimizer=self.name)
 
 
 # --------------------------------------------------------------------------- lbfgsb
@@ -286,9 +265,6 @@ class LBFGSB(SersicFitter):
     Options = LBFGSBOptions
 
     def fit(self, problem, start: Optional[Mapping[str, float]] = None) -> SersicResult:
-        done = _trivial(problem, self.name)
-        if done is not None:
-            return done
         o = self.options
         q0 = problem.start_engine(start)
         jac = problem.gradient if o.gradient == "jacobian" else None
@@ -300,7 +276,7 @@ class LBFGSB(SersicFitter):
         except _FAILURES as exc:
             return _failed(problem, q0, self.name, exc)
         success = bool(res.success)
-        return problem.finalize(res.x, success=success, message=str(res.message), nfev=problem.nfev, optimizer=self.name)
+        return problem.finalize(res.x, success=success, message=str(res.message), optimizer=self.name)
 
 
 SPECS = [

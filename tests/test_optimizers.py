@@ -88,13 +88,15 @@ def test_optimizers_recover_noiseless_truth(setup, name, options, rtol):
     assert res.covariance is not None and np.all(np.isfinite(list(res.errors.values())))
 
 
-@pytest.mark.parametrize("name", ["levmar", "iterative_NM", "dual_annealing", "lbfgsb"])
-def test_problem_without_free_parameters_is_finalized(setup, name):
+def test_problem_without_free_parameters_needs_no_optimizer(setup):
+    """A scale fit with everything pinned is finalized directly (as the engine does)."""
     psf, renderer, clean = setup
     prob = make_scale_problem(0.7 * clean, 0.01, psf, TRUTH, shift_max=0.0, renderer=renderer)
-    res = get_registry().create("fitter", name).fit(prob)
+    assert prob.n_free == 0
+    res = prob.finalize(np.zeros(0), success=True)
     assert res.success and res.nfev <= 2
     assert res.params["amplitude"] == pytest.approx(0.7, rel=1e-6)
+    assert res.params["r_eff"] == TRUTH["r_eff"] and res.params["n"] == TRUTH["n"]
 
 
 @pytest.mark.parametrize("name", ["levmar", "iterative_NM", "dual_annealing", "lbfgsb"])
