@@ -53,7 +53,9 @@ from .data import Band, Galaxy
 from .errors import ConfigError, DegenerateCutoutError, InputError
 from .flags import Flag, FlagRegistry
 from .io import zeropoint_mjy_per_sr
-from .stats import clipped_stats, robust_sigma
+from .calibrate import _centred
+from .sersic import MAG_PER_LN_FLUX, magnitude
+from .stats import clipped_stats, noise_map
 
 __all__ = [
     "APERTURE_COLUMNS",
@@ -79,8 +81,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-#: 2.5 / ln(10): magnitude error per relative flux error
-MAG_PER_RELATIVE_FLUX = 2.5 / math.log(10.0)
 #: smallest region (pixels) that defines an isophotal ellipse
 MIN_ISOPHOTE_PIXELS = 5
 #: smallest number of ladder apertures with positive flux for the Petrosian spline
@@ -527,10 +527,11 @@ def _interpolate_geometry(ladder: Sequence[Isophote], ln_area: np.ndarray, ln_ar
 def _noise_map(band: Band) -> np.ndarray:
     """Per-pixel 1-sigma noise with no NaN: the band's map, gaps set to its median.
 
-    Without a map: the robust sigma of the full residual (a constant).
+    Without a map: :func:`sphot_core.stats.noise_map` of the full residual (usable
+    pixels only), which follows depth variations across the cutout.
     """
     if band.noise is None:
-        return np.full(band.shape, robust_sigma(band.residual(), mask=~band.valid))
+        return noise_map(band.residual(), ~band.valid)
     noise = np.array(band.noise, dtype=float)
     bad = ~np.isfinite(noise)
     if bad.any():
@@ -712,12 +713,6 @@ class BandPhotometry:
         return self.net_image is not None
 
 
-def _magnitude(flux: float, flux_err: float, zeropoint: Optional[float]) -> Tuple[float, float]:
-    if zeropoint is None or not flux > 0:
-        return np.nan, np.nan
-    return -2.5 * math.log10(flux) + zeropoint, MAG_PER_RELATIVE_FLUX * flux_err / flux
-
-
 def measure_band(
     band: Band,
     aperture: ApertureGeometry,
@@ -765,7 +760,7 @@ def measure_band(
     flux_err = math.sqrt(flux_var)
     if not flux > 0:
         flags |= APERTURE_FLAGS.NONPOSITIVE_FLUX
-    mag, mag_err = _magnitude(flux, flux_err, zeropoint)
+    mag, mag_err = magnitude(flux, flux_err, zeropoint)
     return BandPhotometry(
         band.filter, flux, flux_err, mag_raw=mag, mag_raw_err=mag_err, flags=flags, net_image=net, noise=noise,
         **common,
@@ -799,11 +794,6 @@ def _window(options: ApertureOptions):
     }[options.match_window]()
 
 
-def _pad_to(kernel: np.ndarray, size: int) -> np.ndarray:
-    pad = (size - kernel.shape[0]) // 2
-    return np.pad(kernel, pad)
-
-
 def matching_kernel(source_psf, target_psf, options: Optional[ApertureOptions] = None) -> np.ndarray:
     """Image-grid kernel ``K`` with ``source (*) K = target`` (photutils ``make_kernel``).
 
@@ -817,9 +807,9 @@ def matching_kernel(source_psf, target_psf, options: Optional[ApertureOptions] =
 
     options = options or ApertureOptions()
     src, tgt = source_psf.grid_kernel, target_psf.grid_kernel
-    size = max(src.shape[0], tgt.shape[0])
+    half = max(src.shape[0], tgt.shape[0]) // 2
     return make_kernel(
-        _pad_to(src, size), _pad_to(tgt, size), window=_window(options), regularization=options.match_regularization
+        _centred(src, half), _centred(tgt, half), window=_window(options), regularization=options.match_regularization
     )
 
 
@@ -859,7 +849,7 @@ def psf_correction(
     v0, vk, cov = float(np.sum(w0 * w0 * var)), float(np.sum(wk * wk * var)), float(np.sum(w0 * wk * var))
     rel_var = max(v0 / f0**2 + vk / fk**2 - 2.0 * cov / (f0 * fk), 0.0)
     dmag = -2.5 * math.log10(fk / f0)
-    return (dmag if broader else -dmag), MAG_PER_RELATIVE_FLUX * math.sqrt(rel_var)
+    return (dmag if broader else -dmag), MAG_PER_LN_FLUX * math.sqrt(rel_var)
 
 
 # ---------------------------------------------------------------------------- driver

@@ -136,7 +136,8 @@ def _draw_aperture(ax, aperture) -> None:
     )
 
 
-def _titles(band) -> dict:
+def _titles(band, resid: np.ndarray) -> dict:
+    """Panel titles; ``resid`` is ``band.residual()`` (computed once by the caller)."""
     status = " FAILED" if band.status == "failed" else ""
     sersic = band.sersic
     if band.galaxy_model is None:
@@ -148,7 +149,6 @@ def _titles(band) -> dict:
         galaxy = "galaxy model"
     n_src = 0 if band.sources is None else len(band.sources)
     stars = f"stars  N={n_src}" if band.star_model is not None else "star model (not fitted)"
-    resid = band.residual()
     sigma = robust_sigma(resid, mask=~band.valid)
     chi2 = f"  chi2/dof={sersic.chi2_dof:.2f}" if sersic is not None else ""
     return {
@@ -162,7 +162,8 @@ def _titles(band) -> dict:
 def plot_band(band, axes: Optional[Sequence[Any]] = None, *, aperture: Optional[Any] = None):
     """One band in four panels: data, galaxy model, star model, residual.
 
-    Sources are circled (radius = PSF FWHM) on the data and residual panels.
+    Sources are circled on the data and residual panels, with a radius of the PSF FWHM
+    but at least 1.5 pixels.
 
     Parameters
     ----------
@@ -179,12 +180,13 @@ def plot_band(band, axes: Optional[Sequence[Any]] = None, *, aperture: Optional[
     if axes is None:
         fig = _new_figure((4 * _PANEL_SIZE, _PANEL_SIZE))
         axes = fig.subplots(1, 4)
-    titles = _titles(band)
+    resid = band.residual()
+    titles = _titles(band, resid)
     images = {
         "data": band.data,
         "galaxy model": band.component("galaxy"),
         "star model": band.component("stars"),
-        "residual": band.residual(),
+        "residual": resid,
     }
     radius = max(band.psf.fwhm, 1.5)
     for ax, panel in zip(axes, PANELS):

@@ -25,12 +25,17 @@ _MIN_VALUES = 10
 MAD_TO_SIGMA = 1.482602218505602
 
 
-def robust_sigma(values, mask: Optional[np.ndarray] = None) -> float:
-    """1.4826 x median absolute deviation of the finite, unmasked values (NaN if none)."""
+def _finite_values(values, mask: Optional[np.ndarray]) -> np.ndarray:
+    """The finite values not masked (``mask`` is cast to bool: 0/1 arrays work too)."""
     v = np.asarray(values, dtype=float)
     if mask is not None:
-        v = v[~mask]
-    v = v[np.isfinite(v)]
+        v = v[~np.asarray(mask, dtype=bool)]
+    return v[np.isfinite(v)]
+
+
+def robust_sigma(values, mask: Optional[np.ndarray] = None) -> float:
+    """1.4826 x median absolute deviation of the finite, unmasked values (NaN if none)."""
+    v = _finite_values(values, mask)
     if v.size == 0:
         return float("nan")
     med = np.median(v)
@@ -44,10 +49,7 @@ def clipped_stats(values, mask: Optional[np.ndarray] = None, sigma: float = 3.0,
     until nothing changes (at most ``maxiters`` passes). Stars and other positive
     outliers therefore neither shift the level nor inflate the noise.
     """
-    v = np.asarray(values, dtype=float)
-    if mask is not None:
-        v = v[~mask]
-    v = v[np.isfinite(v)]
+    v = _finite_values(values, mask)
     if v.size == 0:
         return float("nan"), float("nan"), float("nan")
     for _ in range(maxiters):
@@ -88,10 +90,7 @@ def background_sigma(values, mask: Optional[np.ndarray] = None, sigma: float = 3
     float
         NaN if fewer than 10 usable values.
     """
-    v = np.asarray(values, dtype=float)
-    if mask is not None:
-        v = v[~np.asarray(mask, dtype=bool)]
-    v = v[np.isfinite(v)]
+    v = _finite_values(values, mask)
     if v.size < _MIN_VALUES:
         return float("nan")
     mean, med, std = clipped_stats(v, sigma=sigma, maxiters=maxiters)

@@ -3,8 +3,8 @@
 Both calibrators share one pipeline (the method is described in
 ``docs/calibration.rst``):
 
-1. **Noise**: the given per-pixel sigma, else a sigma-clipped robust level measured in
-   boxes of ``noise_box`` pixels and interpolated.
+1. **Noise**: the given per-pixel sigma, else :func:`sphot_core.stats.noise_map` (the
+   background noise measured in boxes of ``noise_box`` pixels and interpolated).
 2. **Detection**: peaks of the image correlated with the PSF in use (the previous
    calibrated PSF, else the library) above ``detect_threshold`` in matched-filter S/N,
    outside ``exclude``.
@@ -54,7 +54,7 @@ from sphot_core.errors import InputError
 from sphot_core.hookspecs import StrategySpec
 from sphot_core.psf import PSFModel, add_stamps
 from sphot_core.stages import KernelCalibrator, KernelFamily, KernelFit
-from sphot_core.stats import clipped_stats, robust_sigma
+from sphot_core.stats import noise_map, robust_sigma
 
 __all__ = ["CalibrationOptions", "Anchors", "find_anchors", "MultiSourceCalibrator", "SingleSourceCalibrator", "SPECS"]
 
@@ -122,7 +122,8 @@ class CalibrationOptions:
         with the PSF calibrated by the previous pass (so positions, fluxes and
         neighbour lists no longer depend on the PSF in use) and refits the kernel.
     noise_box : int
-        Box size (pixels) of the local noise estimate used when no noise map is given.
+        Box size (pixels) of :func:`sphot_core.stats.noise_map`, the noise estimate
+        used when no noise map is given.
     anchor_clip : float
         After the fit of the last pass, anchors whose stamp chi-square exceeds what
         noise plus the typical PSF mismatch explains by this many standard deviations
@@ -217,38 +218,13 @@ def _crop(psf: PSFModel, half: int) -> PSFModel:
 def _noise_map(image: np.ndarray, noise: Optional[np.ndarray], valid: np.ndarray, box: int):
     """Per-pixel sigma (inf where unusable) and its median level.
 
-    Without a given ``noise``, the sigma-clipped robust level is measured in boxes of
-    ``box`` pixels (stars clipped), boxes with fewer than half their pixels usable take
-    the global level, and the box grid is interpolated bilinearly to every pixel:
-    mosaics have depth varying across a cutout.
+    Without a given ``noise``: :func:`sphot_core.stats.noise_map` of the usable pixels
+    in boxes of ``box`` pixels (the map the engine itself passes).
     """
-    if noise is None:
-        _, _, level = clipped_stats(image, mask=~valid)
-        ny, nx = image.shape
-        gy, gx = max(1, round(ny / box)), max(1, round(nx / box))
-        grid = np.full((gy, gx), level)
-        ey, ex = np.linspace(0, ny, gy + 1).astype(int), np.linspace(0, nx, gx + 1).astype(int)
-        for i in range(gy):
-            for j in range(gx):
-                sub = (slice(ey[i], ey[i + 1]), slice(ex[j], ex[j + 1]))
-                if valid[sub].mean() >= 0.5:
-                    grid[i, j] = clipped_stats(image[sub], mask=~valid[sub])[2]
-        sigma = _upsample(grid, image.shape)
-    else:
-        sigma = np.asarray(noise, dtype=float)
+    sigma = noise_map(image, ~valid, box_size=box) if noise is None else np.asarray(noise, dtype=float)
     ok = valid & np.isfinite(sigma) & (sigma > 0)
     level = float(np.median(sigma[ok])) if ok.any() else float("nan")
     return np.where(ok, sigma, np.inf), level
-
-
-def _upsample(grid: np.ndarray, shape) -> np.ndarray:
-    """Bilinear interpolation of a grid of box values (box centres) to every pixel."""
-    gy, gx = grid.shape
-    ny, nx = shape
-    yc = (np.arange(gy) + 0.5) * ny / gy - 0.5
-    xc = (np.arange(gx) + 0.5) * nx / gx - 0.5
-    rows = np.array([np.interp(np.arange(nx), xc, g) for g in grid])
-    return np.array([np.interp(np.arange(ny), yc, c) for c in rows.T]).T
 
 
 # ---------------------------------------------------------------------- anchors
@@ -833,9 +809,10 @@ class _Calibrator(KernelCalibrator):
             search = _KernelSearch(library_psf, family, objective)
             params, ok, message = self._fit_params(search, image, weight, anchors, start, k > 0, stats)
             nfev += search.nfev
+            evaluated = None  # objective.evaluate at the final params, once computed
             if self.options.anchor_clip > 0 and k == self.options.passes - 1:
-                chi2, signal, resid = objective.evaluate(search.psf(params))
-                bad = objective.outliers(chi2, signal, resid, self.options.anchor_clip)
+                evaluated = objective.evaluate(search.psf(params))
+                bad = objective.outliers(*evaluated, self.options.anchor_clip)
                 stats["outliers"] = stats.get("outliers", 0) + int(bad.sum())
                 if bad.any() and (~bad).sum() >= self.options.min_anchors:
                     anchors = _drop_anchors(anchors, bad)
@@ -843,7 +820,8 @@ class _Calibrator(KernelCalibrator):
                     search = _KernelSearch(library_psf, family, objective)
                     params, ok, message = self._fit_params(search, image, weight, anchors, params, True, stats)
                     nfev += search.nfev
-            result = (anchors, objective, search, params, ok, message)
+                    evaluated = None
+            result = (anchors, objective, search, params, ok, message, evaluated)
             phot_psf = _calibrated_psf(library_psf, family, params, fam)
             start = params
             stats[f"pass{k + 1}_params"] = dict(params)
@@ -853,11 +831,11 @@ class _Calibrator(KernelCalibrator):
             msg = f"only {n} usable anchors (need {self.options.min_anchors}); PSF unchanged"
             log.warning("kernel calibration (%s): %s", fam, msg)
             return _failed(fam, family, library_psf, previous, n, msg, stats)
-        anchors, objective, search, params, ok, message = result
+        anchors, objective, search, params, ok, message, evaluated = result
         n = int(anchors.anchor.size)
         chi_before, _, res_before = objective.evaluate(_crop(current, objective.crop_half(current.oversample, 0)))
         loss_before = float(chi_before.sum() / objective.npix)
-        chi_after, _, res_after = objective.evaluate(search.psf(params))
+        chi_after, _, res_after = evaluated if evaluated is not None else objective.evaluate(search.psf(params))
         loss = float(chi_after.sum() / objective.npix)
         psf = phot_psf  # library (*) K of the last successful pass
         stats.update(anchors.counts)
@@ -928,13 +906,12 @@ class SingleSourceCalibrator(_Calibrator):
 
 
 def _drop_anchors(anchors: Anchors, bad: np.ndarray) -> Anchors:
-    """``anchors`` without the anchors flagged ``bad`` (they stay neighbour columns of
-    the others but are no longer candidates in later passes)."""
-    candidate = anchors.candidate.copy()
-    candidate[anchors.anchor[bad]] = False
+    """``anchors`` without the anchors flagged ``bad``; they stay neighbour columns of
+    the others (their light is still fitted). Applied after the last pass only (the
+    kernel is then refitted on the remaining anchors), so nothing else changes."""
     neighbours = [nb for nb, b in zip(anchors.neighbours, bad) if not b]
     counts = dict(anchors.counts, anchors=int((~bad).sum()))
-    return attrs.evolve(anchors, anchor=anchors.anchor[~bad], neighbours=neighbours, candidate=candidate, counts=counts)
+    return attrs.evolve(anchors, anchor=anchors.anchor[~bad], neighbours=neighbours, counts=counts)
 
 
 def _weighted_median(values: np.ndarray, weights: np.ndarray) -> float:

@@ -27,6 +27,7 @@ import numpy as np
 
 from sphot_core.errors import ConfigError
 from sphot_core.hookspecs import StrategySpec
+from sphot_core.psf import gaussian_kernel
 from sphot_core.stages import KernelFamily, KernelParameter
 
 __all__ = ["GaussianKernel", "MoffatKernel", "DrizzleKernel", "SPECS"]
@@ -128,13 +129,12 @@ class GaussianKernel(_Family):
         if s == 0:
             return _IDENTITY
         half = max(1, int(math.ceil(self.options.truncate * s)))
-        r = _axis(half)
         ratio = v.get("ratio", 1.0)
         if not 0 < ratio <= 1:
             raise ConfigError(f"kernel 'gaussian': ratio must be in (0, 1], got {ratio!r}")
         if ratio == 1.0:
-            g = np.exp(-0.5 * (r / s) ** 2)
-            return _normalised(np.outer(g, g))
+            return gaussian_kernel(s, half)
+        r = _axis(half)
         c, sn = math.cos(v["theta"]), math.sin(v["theta"])
         yy, xx = np.meshgrid(r, r, indexing="ij")
         u = xx * c + yy * sn
