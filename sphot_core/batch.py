@@ -355,9 +355,10 @@ class ProgressReporter:
     """
 
     def __init__(self, stream=None):
+        from .progress import interactive
+
         self.stream = sys.stderr if stream is None else stream
-        isatty = getattr(self.stream, "isatty", None)
-        self.tty = bool(isatty and isatty())
+        self.tty = interactive(self.stream)
 
     def __call__(self, state: BatchState) -> None:
         if not self.tty:

@@ -76,10 +76,10 @@ def _config_options(f):
     return f
 
 
-def _load_config(config_file, sets, flags, galaxy_path=None, extra_overrides=None):
+def _load_config(config_file, sets, flags, galaxy_path=None):
     from .config import load_config
 
-    return load_config(config_file, sets=sets, flags=flags, galaxy_path=galaxy_path, overrides=extra_overrides)
+    return load_config(config_file, sets=sets, flags=flags, galaxy_path=galaxy_path)
 
 
 def _flags(fitter=None, refit=None, kernel=None, sky=None, executor=None):
@@ -109,7 +109,9 @@ def _setup_logging(verbose: int, quiet: int, log_file: Optional[str]) -> None:
     for h in list(root.handlers):
         if getattr(h, "_sphot", False):
             root.removeHandler(h)
-    handler = logging.StreamHandler(sys.stderr)
+    from .progress import LiveHandler
+
+    handler = LiveHandler(sys.stderr)
     handler.setFormatter(_Formatter("%(message)s"))
     handler.setLevel(level)
     handler._sphot = True
@@ -348,8 +350,8 @@ def merge_cmd(out_dirs, dest):
     """Merge the per-galaxy CSVs of output folders into one survey catalogue."""
     from .batch import merge_catalogs
 
-    paths = merge_catalogs(list(out_dirs), dest)
-    for p in (paths.values() if isinstance(paths, dict) else paths):
+    merged = merge_catalogs(list(out_dirs), dest)
+    for p in (merged.galaxy_catalog, merged.sources_catalog):
         click.echo(f"wrote {p}")
 
 

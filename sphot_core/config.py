@@ -124,7 +124,6 @@ class PrepConfig:
     blur_psf: Dict[str, float] = attrs.field(factory=dict, converter=_float_map)
     psf_origin: Dict[str, Any] = attrs.field(factory=dict)
     custom_initial_crop: float = attrs.field(default=1.0, validator=_fraction)
-    sigma_guess: float = attrs.field(default=10.0, validator=_positive)
     auto_crop: bool = True
     auto_crop_factor: float = attrs.field(default=8.0, validator=_positive)
 
@@ -314,6 +313,7 @@ for _k, _why in {
     "center_mask_r_in_fwhm": "it was never read under [psf-calib]; see center_mask_r_in_galaxy_size",
 }.items():
     LEGACY_KEYS[("psf-calib", _k)] = (None, _why)
+LEGACY_KEYS[("prep", "sigma_guess")] = (None, "the galaxy size now comes from its azimuthal median profile")
 for _k, _why in {
     "cuts_chi2dof_median_factor": "it was never used by the original tool either",
     "final_refit_fit_shape": "stamp sizes now follow the PSF's encircled energy",
@@ -670,9 +670,6 @@ class SphotConfig:
             return registry.create(stage, reg.name, {})
         return reg.create(opts)
 
-    def zeropoint(self, filter_name: str) -> Optional[float]:
-        return self.zeropoints.get(filter_name)
-
     def to_toml(self, with_sources: bool = False) -> str:
         """The effective configuration as TOML (optionally with each value's origin)."""
         return to_toml(self.tree, self.sources if with_sources else None)
@@ -765,6 +762,7 @@ def load_config(
     galaxy_path=None,
     cwd=None,
     use_user_config: bool = True,
+    stored: Optional[str] = None,
     registry=None,
 ) -> SphotConfig:
     """Build the effective configuration.
@@ -785,9 +783,19 @@ def load_config(
         working directory has none.
     use_user_config : bool
         Look for ``sphot_config.toml`` at all.
+    stored : str, optional
+        TOML text of the configuration stored in a NAME_sphot.h5 being continued
+        (``--resume``/``--rerun``): it replaces the user config file as the first layer,
+        so a continued run keeps the settings of the run that wrote the file; the other
+        arguments still apply on top of it.
     """
     layers: List[Tuple[str, Dict[str, Any]]] = []
-    if use_user_config:
+    if stored:
+        try:
+            layers.append(("stored config", tomllib.loads(stored)))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"stored config: TOML syntax error: {exc}") from None
+    elif use_user_config:
         user = find_user_config(galaxy_path, cwd)
         if user is not None:
             layers.append((str(user), read_toml(user)))

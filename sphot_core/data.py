@@ -264,6 +264,19 @@ class Band:
             out -= self.sky_model
         return out
 
+    def reduced_chi2(self, n_params: int = 0) -> float:
+        """Reduced chi-square of the full model (galaxy + stars + sky) over the usable
+        pixels (valid data, not masked, positive noise): sum((residual / noise)^2) /
+        (N - n_params). NaN without a noise map or with no degrees of freedom."""
+        if self.noise is None:
+            return float("nan")
+        r = self.residual()
+        use = self.valid & np.isfinite(r) & (self.noise > 0)
+        dof = int(use.sum()) - int(n_params)
+        if dof <= 0:
+            return float("nan")
+        return float(np.sum((r[use] / self.noise[use]) ** 2) / dof)
+
     @property
     def star_subtracted(self) -> np.ndarray:
         """``data - stars`` (the PSF-subtracted image; sky not removed)."""

@@ -57,7 +57,7 @@ def _field_doc(f) -> str:
 def config_reference(registry=None) -> str:
     """reST page: every section and key of the packaged defaults, and the options of
     every registered strategy."""
-    from .registry import get_registry
+    from .registry import get_registry, option_defaults
 
     registry = registry or get_registry()
     comments = _default_comments()
@@ -93,10 +93,8 @@ def config_reference(registry=None) -> str:
                 if cls is None or not attrs.has(cls) or not attrs.fields(cls):
                     parts += ["No options.", ""]
                     continue
-                rows = []
-                for f in attrs.fields(cls):
-                    default = f.default.factory() if isinstance(f.default, attrs.Factory) else f.default
-                    rows.append((f.name, _value(default) if default is not attrs.NOTHING else "", _field_doc(f)))
+                defaults = option_defaults(cls)
+                rows = [(f.name, _value(defaults[f.name]) if f.name in defaults else "", _field_doc(f)) for f in attrs.fields(cls)]
                 parts.append(_table(rows))
     return "\n".join(parts) + "\n"
 

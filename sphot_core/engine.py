@@ -41,7 +41,7 @@ from .stats import noise_map, robust_sigma
 #: free galaxy-centre shift (px) of a scale band that could not be registered on stars
 UNREGISTERED_SHIFT = 0.5
 
-__all__ = ["Stages", "run", "fit_band", "run_file", "run_galaxy_file", "parameter_change", "STAGE_NAMES"]
+__all__ = ["Stages", "run", "fit_band", "run_file", "parameter_change", "STAGE_NAMES"]
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +189,6 @@ class _BandLoop:
         self.st = stages
         self.emit = emit
         self.model = model
-        self.outliers: Optional[np.ndarray] = band.mask
         self._renderers: Dict[str, SersicRenderer] = {}
         calib = config.calib
         self.tracker = (
@@ -249,12 +248,10 @@ class _BandLoop:
         return galaxy_exclusion_mask(self.band.shape, geo, factor=factor, cap_fraction=0.49)
 
     def chi2_dof(self) -> float:
-        b = self.band
-        r = b.residual()
-        v = np.isfinite(r) & (b.noise > 0)
-        if self.outliers is not None:
-            v &= ~self.outliers
-        return float(np.mean((r[v] / b.noise[v]) ** 2)) if v.any() else float("nan")
+        """Reduced chi-square of the current joint model (see :meth:`Band.reduced_chi2`)."""
+        from .io import _n_params
+
+        return self.band.reduced_chi2(_n_params(self.band))
 
     # ------------------------------------------------------------- stages
     def sersic(
@@ -266,21 +263,26 @@ class _BandLoop:
         image = b.residual(galaxy=False)
         kw = self._problem_kwargs(loss)
         if base_params is None:
-            problem = SersicProblem(image, b.noise, b.psf, mask=self.outliers, model=self.model, start=start, **kw)
+            problem = SersicProblem(image, b.noise, b.psf, mask=b.mask, model=self.model, start=start, **kw)
         else:
             problem = make_scale_problem(
                 image,
                 b.noise,
                 b.psf,
                 base_params,
-                mask=self.outliers,
+                mask=b.mask,
                 shift_max=0.0 if pin_centre else self.shift_max,
                 allow_refit=self.cfg.core.allow_refit and not pin_centre,
                 free=() if pin_centre else self.cfg.core.scale_free,
                 model=self.model,
                 **kw,
             )
-        result = fitter.fit(problem, start)
+        if problem.n_free == 0:  # everything pinned: only the linear parameters remain
+            result = problem.finalize(
+                np.zeros(0), success=True, message="no free shape parameter: linear parameters solved", optimizer="linear"
+            )
+        else:
+            result = fitter.fit(problem, start)
         if not all(math.isfinite(float(v)) for v in result.params.values()):
             raise SphotError(f"band {b.filter}: the Sersic fit returned non-finite parameters ({result.message})")
         b.sersic = result
@@ -299,8 +301,8 @@ class _BandLoop:
         t0 = time.perf_counter()
         b = self.band
         mask = self._galaxy_ellipse(self.cfg.sky.galaxy_mask_r_eff)
-        if self.outliers is not None:
-            mask = self.outliers if mask is None else (mask | self.outliers)
+        if b.mask is not None:
+            mask = b.mask if mask is None else (mask | b.mask)
         res = self.st.sky.fit(b.residual(sky=False), b.noise, mask)
         b.sky = res
         b.sky_model = res.image
@@ -309,25 +311,28 @@ class _BandLoop:
     def measure_offset(self, min_snr: float = 20.0, bound: float = 1.5) -> Optional[np.ndarray]:
         """The band's registration offset from its bright stars.
 
-        The current catalogue (the base band's stars at their base positions) is fitted
-        jointly with free positions (within ``bound`` px) on (data - galaxy - sky); the
-        median shift of the stars above ``min_snr`` that did not hit the bound is the
-        offset of this band's image relative to the base band's (``None`` with fewer
-        than three such stars).
+        The current catalogue is fitted jointly with free positions (within ``bound``
+        px) on (data - galaxy - sky); the median shift of the *seeded* stars (the base
+        band's stars at their base positions, not the band's own leftover sources,
+        which sit at positions fitted in this band) above ``min_snr`` that did not hit
+        the bound is the offset of this band's image relative to the base band's
+        (``None`` with fewer than three such stars).
         """
         from . import photometry as ph
+        from .flags import SOURCE_FLAGS
 
         b = self.band
         src = b.sources
         if src is None or len(src) < 3:
             return None
         image = b.residual(stars=False)
-        usable = ph.usable_pixels(image, self.outliers)
+        usable = ph.usable_pixels(image, b.mask)
         system = ph.PixelSystem.build(image, b.noise, usable)
         fit = ph.fit_positions(system, b.psf, src.x, src.y, src.flux, bound=bound, core_half=ph.fit_half_size(b.psf))
         with np.errstate(divide="ignore", invalid="ignore"):
             snr = np.asarray(src.flux) / np.asarray(src.flux_err)
-        good = (snr > min_snr) & ~fit["at_bound"] & (fit["flux"] > 0)
+        seeded = (np.asarray(src.flags) & SOURCE_FLAGS.LEFTOVER) == 0
+        good = seeded & (snr > min_snr) & ~fit["at_bound"] & (fit["flux"] > 0)
         if good.sum() < 3:
             return None
         return np.array([np.median(fit["x"][good] - src.x[good]), np.median(fit["y"][good] - src.y[good])])
@@ -420,7 +425,6 @@ class _BandLoop:
         r = b.residual()
         sigma = robust_sigma(r)
         if not sigma > 0:
-            self.outliers = None
             b.mask = None
             return
         protect = self._galaxy_ellipse(self.cfg.core.mask_aper_size_in_r_eff)
@@ -428,8 +432,7 @@ class _BandLoop:
         if protect is not None:
             bad &= ~protect
         bad = ndimage.binary_dilation(bad) if bad.any() else bad
-        self.outliers = bad if bad.any() else None
-        b.mask = self.outliers
+        b.mask = bad if bad.any() else None
 
     def calibrate(self, iteration: int) -> None:
         if self.tracker is None or not self.tracker.should_calibrate():
@@ -444,7 +447,7 @@ class _BandLoop:
                 b.noise,
                 b.library_psf,
                 self.st.kernel,
-                mask=self.outliers,
+                mask=b.mask,
                 exclude=exclude,
                 previous=self.tracker.fit,
             )
@@ -498,7 +501,6 @@ class _BandLoop:
                 "iteration": iteration,
                 "chi2_dof": entry["chi2_dof"],
                 "n_sources": entry["n_sources"],
-                "done_step": True,
             }
         )
 
@@ -513,7 +515,7 @@ class _BandLoop:
         masked). Run after the primer cycle and after the first loop iteration, then
         kept fixed so that losses compare between iterations."""
         b = self.band
-        nm = noise_map(b.residual(), self.outliers)
+        nm = noise_map(b.residual(), b.mask)
         if np.isfinite(nm).all() and (nm > 0).all():
             b.noise = nm
 
@@ -624,12 +626,11 @@ def fit_band(
         band.flags |= GALAXY_FLAGS.LOOP_NOT_CONVERGED
     band.status = "done"
     band.message = ""
-    if stage_done not in band.stages_done:
-        band.stages_done.append(stage_done)
+    band.stages_done = [stage_done]
     band.history.append(
         {"stage": "total", "seconds": time.perf_counter() - t_start, "timings": dict(loop.timings), "peak_rss_mb": _peak_rss_mb()}
     )
-    emit({"band": band.filter, "stage": "done", "chi2_dof": loop.chi2_dof(), "n_sources": len(band.sources or []), "done_step": True})
+    emit({"band": band.filter, "stage": "done", "chi2_dof": loop.chi2_dof(), "n_sources": len(band.sources or [])})
     return band
 
 
@@ -670,7 +671,7 @@ def _fail(band: Band, exc: BaseException, emit) -> None:
     band.message = f"{type(exc).__name__}: {exc}" if not isinstance(exc, SphotError) else str(exc)
     band.flags |= GALAXY_FLAGS.BAND_FAILED
     log.error("band %s failed: %s", band.filter, band.message)
-    emit({"band": band.filter, "stage": "failed", "message": band.message, "done_step": True})
+    emit({"band": band.filter, "stage": "failed", "message": band.message})
 
 
 def _guess(galaxy: Galaxy) -> Dict[str, float]:
@@ -752,6 +753,9 @@ def run(
 
     # which bands to (re)do
     if rerun == "basefit":
+        if filters:
+            log.info("--rerun basefit redoes every band (they all depend on the base fit); --filters ignored")
+        wanted = others
         for b in galaxy.bands.values():
             _reset(b)
     elif rerun == "scalefit":
@@ -801,7 +805,7 @@ def _scale_bands(galaxy, todo, config, stages, base_info, forced_set, jobs, emit
     ]
     if n_workers > 1:
         try:
-            pickle.dumps((config, stages, emit))
+            pickle.dumps((config, stages))
         except Exception as exc:  # stage objects given by the caller may not pickle
             log.info("fitting the bands in this process (%s does not pickle)", exc)
             n_workers = 1
@@ -809,6 +813,8 @@ def _scale_bands(galaxy, todo, config, stages, base_info, forced_set, jobs, emit
         _scale_bands_here(galaxy, jobs_list, emit, checkpoint)
         return
     from sphot_plugins.executors import ProcessExecutor, ProcessOptions
+
+    options = config.strategy_options("executor", "processes") or ProcessOptions()
 
     relay = None
     if emit is not null_progress:
@@ -819,7 +825,7 @@ def _scale_bands(galaxy, todo, config, stages, base_info, forced_set, jobs, emit
             job["emit"] = relay.emitter()
     unstarted = []
     try:
-        with ProcessExecutor(ProcessOptions(jobs=n_workers)) as ex:
+        with ProcessExecutor(attrs.evolve(options, jobs=n_workers)) as ex:
             for outcome in ex.run(_fit_band_job, jobs_list):
                 flt = outcome.job["band"].filter
                 if outcome.ok:
@@ -847,7 +853,8 @@ def _scale_bands(galaxy, todo, config, stages, base_info, forced_set, jobs, emit
 
 
 def _never_started(error: Optional[str]) -> bool:
-    return bool(error) and ("could not be sent" in error or "before the job started" in error)
+    """The job never ran: it could not reach a worker, or its worker died before it started."""
+    return bool(error) and ("could not be sent to a worker" in error or "before the job started" in error)
 
 
 def _scale_bands_here(galaxy, jobs_list, emit, checkpoint) -> None:
@@ -865,11 +872,9 @@ class _WorkerError(SphotError):
 
 
 def _band_workers(jobs: Optional[int], n: int) -> int:
-    import os
+    from sphot_plugins.executors import usable_cpus
 
-    if jobs is None or jobs == 0:
-        jobs = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(int(jobs), n))
+    return max(1, min(int(jobs) if jobs else usable_cpus(), n))
 
 
 def _photometry(galaxy: Galaxy, config) -> None:
@@ -886,6 +891,26 @@ def _photometry(galaxy: Galaxy, config) -> None:
 
 
 # ------------------------------------------------------------------- one file
+
+
+def state_path(path, out_dir) -> Optional[Path]:
+    """The NAME_sphot.h5 to continue from: ``path`` itself if it is one, else the
+    earlier output in ``out_dir`` (``None`` if there is none)."""
+    from .io import output_paths
+
+    path = Path(path)
+    if is_sphot_file(path):
+        return path
+    state = output_paths(out_dir, path.stem)["sphot"]
+    return state if state.exists() else None
+
+
+def stored_config(state) -> str:
+    """The configuration TOML stored in a NAME_sphot.h5 (without reading the images)."""
+    import h5py
+
+    with h5py.File(state, "r") as f:
+        return str(f.attrs.get("config", ""))
 
 
 def is_sphot_file(path) -> bool:
@@ -926,7 +951,7 @@ def run_file(
     Returns a summary dict (galaxy, status, bands ok/failed, seconds, outputs).
     """
     from . import io as sio
-    from .config import load_config
+    from .config import SphotConfig, load_config
 
     t0 = time.perf_counter()
     path = Path(path)
@@ -936,23 +961,24 @@ def run_file(
     if out_dir is None:
         out_dir = path.parent if from_state else Path(".")
     out_dir = sio.ensure_output_dir(out_dir)
+    if from_state and rerun is None:
+        resume = True
+    state = state_path(path, out_dir) if (resume or rerun) else None
+    if rerun and state is None:
+        raise InputError(f"--rerun {rerun}: no earlier output {sio.output_paths(out_dir, path.stem)['sphot']} to rerun from", path=str(path))
+    galaxy = None
+    if state is not None:
+        galaxy, stored = sio.read_sphot(state)
+        if config is None:
+            config = SphotConfig.from_toml_text(stored, label=f"stored config of {state.name}")
+        elif stored and SphotConfig.from_toml_text(stored).tree != config.tree:
+            log.warning("%s: continuing with a configuration that differs from the one stored in %s", galaxy.name, state.name)
     if config is None:
         config = load_config(galaxy_path=path)
     if base_filter:
         config = config.with_overrides({"core.base_filter": base_filter}, label="--base-filter")
-    galaxy = None
-    if from_state:
-        galaxy, stored = sio.read_sphot(path)
-        if rerun is None and not resume:
-            resume = True
-    else:
-        state = sio.output_paths(out_dir, path.stem)["sphot"]
-        if (resume or rerun) and state.exists():
-            galaxy, stored = sio.read_sphot(state)
-        elif rerun:
-            raise InputError(f"--rerun {rerun}: no earlier output {state} to rerun from", path=str(state))
     if galaxy is None:
-        load = list(filters) if filters and not (resume or rerun) else None
+        load = list(filters) if filters else None
         if load and config.core.base_filter not in load:
             load.insert(0, config.core.base_filter)
         galaxy = sio.load_galaxy(path, psf, config=config, filters=load)
@@ -988,10 +1014,12 @@ def run_file(
 
         plot_galaxy(galaxy, paths["plot"])
         written["plot"] = paths["plot"]
-    failed = [f for f, b in galaxy.bands.items() if b.status == "failed"]
+    failed = [f for f, b in galaxy.bands.items() if b.status != "done"]
+    base = galaxy.bands[galaxy.base_filter]
     summary = {
         "galaxy": galaxy.name,
-        "status": "failed" if galaxy.bands[galaxy.base_filter].status == "failed" else ("partial" if failed else "ok"),
+        "status": "failed" if base.status != "done" else ("partial" if failed else "ok"),
+        "message": base.message if base.status != "done" else "",
         "bands_ok": sum(b.status == "done" for b in galaxy.bands.values()),
         "bands_failed": ",".join(failed),
         "seconds": round(time.perf_counter() - t0, 3),
@@ -1000,4 +1028,3 @@ def run_file(
     return summary
 
 
-run_galaxy_file = run_file

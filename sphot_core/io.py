@@ -317,6 +317,12 @@ def read_psfs(
     return out
 
 
+def pixel_scale_for(attributes: Mapping[str, Any], config=None) -> Optional[float]:
+    """Pixel scale (arcsec): the dataset attribute, else ``[prep] pixel_scale``; None if unknown."""
+    scale = attributes.get("pixel_scale", config.prep.pixel_scale if config is not None else 0.0)
+    return float(scale) if scale and float(scale) > 0 else None
+
+
 def zeropoint_for(filter_name: str, attributes: Mapping[str, Any], config=None) -> Optional[float]:
     """AB zeropoint: ``[zeropoints]`` > dataset attribute > implied by the image units."""
     if config is not None and filter_name in config.zeropoints:
@@ -324,9 +330,9 @@ def zeropoint_for(filter_name: str, attributes: Mapping[str, Any], config=None) 
     if "zeropoint" in attributes:
         return float(attributes["zeropoint"])
     units = config.prep.image_units if config is not None else ""
-    scale = attributes.get("pixel_scale", config.prep.pixel_scale if config is not None else 0.0)
-    if units == "MJy/sr" and scale and float(scale) > 0:
-        return zeropoint_mjy_per_sr(float(scale))
+    scale = pixel_scale_for(attributes, config)
+    if units == "MJy/sr" and scale is not None:
+        return zeropoint_mjy_per_sr(scale)
     return None
 
 
@@ -388,7 +394,7 @@ def load_galaxy(
             psf=lib,
             library_psf=lib,
             zeropoint=zeropoint_for(flt, attrs_, config),
-            pixel_scale=float(attrs_.get("pixel_scale", config.prep.pixel_scale) or 0.0) or None,
+            pixel_scale=pixel_scale_for(attrs_, config),
         )
     shape = next(iter(images.values())).shape
     return Galaxy(
@@ -618,19 +624,11 @@ def read_sphot(path) -> Tuple[Galaxy, str]:
 # ------------------------------------------------------------------------ CSVs
 
 
-def _chi2_dof(band: Band) -> float:
-    """Reduced chi-square of the final joint model over the usable pixels."""
-    if band.noise is None or band.galaxy_model is None:
-        return float("nan")
-    r = band.residual()
-    v = band.valid & np.isfinite(r) & (band.noise > 0)
-    n = int(v.sum())
-    npar = (len(band.sersic.names) if band.sersic is not None else 0) + 3 * (len(band.sources) if band.sources is not None else 0)
-    npar += len(band.sky.params) if band.sky is not None else 0
-    dof = n - npar
-    if dof <= 0:
-        return float("nan")
-    return float(np.sum((r[v] / band.noise[v]) ** 2) / dof)
+def _n_params(band: Band) -> int:
+    """Free parameters of the final joint model: Sersic, 3 per source, sky."""
+    n = len(band.sersic.names) if band.sersic is not None else 0
+    n += 3 * (len(band.sources) if band.sources is not None else 0)
+    return n + (len(band.sky.params) if band.sky is not None else 0)
 
 
 def galaxy_rows(galaxy: Galaxy) -> List[Dict[str, Any]]:
@@ -658,7 +656,7 @@ def galaxy_rows(galaxy: Galaxy) -> List[Dict[str, Any]]:
             )
             row["mag"], row["mag_err"] = magnitude(res.flux, res.flux_err, band.zeropoint)
             row["sky"] = float(np.mean(band.sky_model[band.valid])) if band.sky_model is not None and band.valid.any() else 0.0
-            row["chi2_dof"] = _chi2_dof(band)
+            row["chi2_dof"] = band.reduced_chi2(_n_params(band))
             row["n_sources"] = len(band.sources) if band.sources is not None else 0
             converged = res.success and not (flags & (GALAXY_FLAGS.LOOP_NOT_CONVERGED | GALAXY_FLAGS.NOT_CONVERGED))
             row["converged"] = bool(converged and band.status == "done")

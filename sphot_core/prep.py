@@ -84,7 +84,6 @@ def _radial_median(img: np.ndarray, valid: np.ndarray, cx: float, cy: float, rma
 def guess_galaxy(
     image: np.ndarray,
     mask: Optional[np.ndarray] = None,
-    sigma_guess: float = 10.0,
     centre_region: float = 0.5,
     psf_fwhm: float = 2.0,
 ) -> GalaxyGuess:
@@ -207,7 +206,7 @@ def prepare(galaxy: Galaxy, config) -> Tuple[Galaxy, GalaxyGuess]:
     prep = config.prep
     g = initial_crop(galaxy, prep.custom_initial_crop)
     base = g.bands[g.base_filter]
-    guess = guess_galaxy(base.data, base.mask, sigma_guess=prep.sigma_guess, psf_fwhm=base.psf.fwhm)
+    guess = guess_galaxy(base.data, base.mask, psf_fwhm=base.psf.fwhm)
     if prep.auto_crop:
         g, guess = auto_crop(g, guess, prep.auto_crop_factor)
     for flt, band in g.bands.items():

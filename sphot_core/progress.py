@@ -4,10 +4,14 @@ The engine emits small event dicts through a callable; reporters turn them into 
 Events cross process boundaries (bands fitted in worker processes) through a queue
 drained by a thread in the parent (:class:`QueueRelay`).
 
-Event keys: ``band`` (filter), ``stage`` (``prep``, ``primer``, ``loop``, ``polish``,
-``scale``, ``done``, ``failed``, ``skipped``, ...), ``step`` (what runs now: ``sersic``,
-``stars``, ``sky``, ``calibration``), ``iteration``, ``chi2_dof``, ``n_sources``,
-``message``.
+Event keys: ``band`` (filter), ``stage`` (``prep``, ``start``, ``primer``,
+``scale-primer``, ``loop``, ``polish``, ``done``, ``failed``), ``step`` (what starts
+now: ``sersic``, ``stars``, ``calibration``; such events carry nothing else),
+``iteration``, ``chi2_dof``, ``n_sources``, ``message``.
+
+On a terminal, log records and the live block share the screen: the CLI's log handler
+(:class:`LiveHandler`) erases the block, prints the record and redraws the block, so
+no log line is overwritten.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ import threading
 import time
 from typing import Any, Callable, Dict, Optional
 
-__all__ = ["Progress", "LogReporter", "TerminalReporter", "make_reporter", "QueueRelay", "null_progress"]
+__all__ = ["Progress", "LogReporter", "TerminalReporter", "LiveHandler", "make_reporter", "interactive", "QueueRelay", "null_progress"]
 
 log = logging.getLogger("sphot_core.progress")
 
@@ -52,7 +56,7 @@ class LogReporter:
         self.name = name
 
     def __call__(self, ev: Dict[str, Any]) -> None:
-        if ev.get("step") and not ev.get("done_step"):
+        if ev.get("step"):
             return  # only log completed steps, not "starting" notices
         prefix = f"{self.name} " if self.name else ""
         band = f"[{ev['band']}] " if ev.get("band") else ""
@@ -70,7 +74,8 @@ class TerminalReporter:
         self.started: Dict[str, float] = {}
         self._drawn = 0
         self._last = 0.0
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
+        TerminalReporter.active = self
 
     def __call__(self, ev: Dict[str, Any]) -> None:
         band = ev.get("band") or "-"
@@ -81,6 +86,13 @@ class TerminalReporter:
             final = ev.get("stage") in ("done", "failed")
             if final or time.monotonic() - self._last > 0.1:
                 self._draw()
+
+    def erase(self) -> None:
+        """Remove the block from the screen (the next draw starts where it was)."""
+        if self._drawn:
+            self.stream.write(f"\x1b[{self._drawn}F\x1b[J")
+            self.stream.flush()
+            self._drawn = 0
 
     def _draw(self) -> None:
         out = []
@@ -100,6 +112,35 @@ class TerminalReporter:
         with self._lock:
             if self.lines:
                 self._draw()
+        if TerminalReporter.active is self:
+            TerminalReporter.active = None
+
+
+TerminalReporter.active = None
+
+
+class LiveHandler(logging.StreamHandler):
+    """A stream handler that keeps the live block of an active TerminalReporter intact:
+    the block is erased, the record printed, and the block drawn again below it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        live = TerminalReporter.active
+        if live is None or live.stream is not self.stream:
+            super().emit(record)
+            return
+        with live._lock:
+            live.erase()
+            super().emit(record)
+            if live.lines:
+                live._draw()
+
+
+def interactive(stream=None) -> bool:
+    """Whether ``stream`` is a terminal that live displays may redraw: a TTY, not
+    ``TERM=dumb``, and sphot's logging not quieted below INFO (``-q``)."""
+    stream = stream or sys.stderr
+    tty = hasattr(stream, "isatty") and stream.isatty() and os.environ.get("TERM") != "dumb"
+    return bool(tty) and logging.getLogger("sphot_core").getEffectiveLevel() <= logging.INFO
 
 
 def _columns() -> int:
@@ -112,10 +153,8 @@ def _columns() -> int:
 def make_reporter(name: str = "", stream=None, interactive: Optional[bool] = None) -> Callable:
     """A terminal reporter when ``stream`` is a TTY (and logging is not quieted), else log lines."""
     stream = stream or sys.stderr
-    if interactive is None:
-        interactive = hasattr(stream, "isatty") and stream.isatty() and os.environ.get("TERM") != "dumb"
-        interactive = interactive and logging.getLogger("sphot_core").getEffectiveLevel() <= logging.INFO
-    return TerminalReporter(name, stream) if interactive else LogReporter(name)
+    live = globals()["interactive"](stream) if interactive is None else interactive
+    return TerminalReporter(name, stream) if live else LogReporter(name)
 
 
 class QueueRelay:

@@ -21,13 +21,10 @@ def _split(text: Optional[str]) -> Optional[List[str]]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def _overrides(filters, forced) -> Dict[str, Any]:
-    out: Dict[str, Any] = {}
-    if filters is not None:
-        out["prep.filters"] = filters
-    if forced is not None:
-        out["core.forced_filters"] = forced
-    return out
+def _overrides(forced) -> Dict[str, Any]:
+    """``--forced`` is a setting of the method (kept in the stored config for resumes);
+    ``--filters`` says which bands to run, so it goes to the engine directly."""
+    return {"core.forced_filters": forced} if forced is not None else {}
 
 
 def run_command(
@@ -85,10 +82,15 @@ def run_command(
     _batch(paths, out_dir or ".", jobs=jobs, retry_failed=retry_failed, shard=shard, timeout=timeout, scheduler=scheduler, settings=settings)
 
 
-def _config_for(path, config_file, sets, flags, filters, forced, **_):
+def _config_for(path, out_dir, continuing, config_file, sets, flags, forced):
     from .config import load_config
+    from .engine import is_sphot_file, state_path, stored_config
 
-    cfg = load_config(config_file, sets=sets, flags=flags, galaxy_path=path, overrides=_overrides(filters, forced) or None)
+    stored = None
+    if continuing:
+        state = state_path(path, out_dir if out_dir is not None else (Path(path).parent if is_sphot_file(path) else "."))
+        stored = stored_config(state) if state is not None else None
+    cfg = load_config(config_file, sets=sets, flags=flags, galaxy_path=path, overrides=_overrides(forced) or None, stored=stored)
     for note in cfg.notes:
         log.info("note: %s", note)
     return cfg
@@ -100,7 +102,10 @@ def _one(path, out_dir, *, jobs, interactive, psf, config_file, sets, flags, bas
     from .io import read_sphot
     from .progress import make_reporter, null_progress
 
-    config = _config_for(path, config_file, sets, flags, None if (resume or rerun) else filters, forced)
+    from .engine import is_sphot_file
+
+    continuing = bool(resume or rerun) or is_sphot_file(path)
+    config = _config_for(path, out_dir, continuing, config_file, sets, flags, forced)
     reporter = make_reporter(Path(path).stem) if interactive else null_progress
     try:
         summary = run_file(
@@ -110,7 +115,6 @@ def _one(path, out_dir, *, jobs, interactive, psf, config_file, sets, flags, bas
             config=config,
             filters=filters,
             base_filter=base_filter,
-            forced=forced,
             photometry=photometry,
             plot=make_plot,
             resume=resume,
@@ -130,7 +134,7 @@ def process_galaxy(path, out_dir, *, settings: Dict[str, Any]) -> Dict[str, Any]
     """Batch worker: one galaxy, bands fitted serially (the batch is the parallelism)."""
     summary, _ = _one(path, out_dir, jobs=1, interactive=False, **settings)
     if summary["status"] == "failed":
-        raise FitError(f"base filter failed: {summary['bands_failed']}")
+        raise FitError(f"base filter failed: {summary['message']}")
     outputs = summary.pop("outputs")
     summary["outputs"] = ";".join(Path(v).name for v in outputs.values())
     return summary

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -55,3 +56,23 @@ def load_psf(psf_dir):
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+def pid_gone(pid: int, wait: float = 5.0) -> bool:
+    """Whether process ``pid`` has exited (polled for up to ``wait`` seconds)."""
+    end = time.monotonic() + wait
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.fixture(scope="session")
+def dask_cluster():
+    """A dask LocalCluster started by the tests, on the loopback interface."""
+    distributed = pytest.importorskip("distributed")
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
+        yield cluster

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import pid_gone
 from sphot_core import batch
 from sphot_core.errors import ConfigError, DegenerateCutoutError, InputError, OutputError
 from sphot_core.io import write_csv
@@ -141,15 +142,6 @@ BAD = {"g002": "InputError", "g004": "DegenerateCutoutError"}
 # ------------------------------------------------------------------ executors
 
 
-@pytest.fixture(scope="module")
-def dask_cluster():
-    """A LocalCluster started by the test, on the loopback interface."""
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1",
-                                  dashboard_address=None) as cluster:
-        yield cluster
-
-
 def _executors(dask_cluster):
     yield "serial", SerialExecutor()
     yield "processes", ProcessExecutor(ProcessOptions(jobs=2))
@@ -269,7 +261,7 @@ def test_killed_batch_resumes_without_redoing_finished(tmp_path):
     assert all(row["status"] in ("ok", "pending") for row in rows.values())
     # orphaned workers notice their parent died and exit
     worker_pids = {int(pid) for p in paths for pid in runs(out, p.stem)}
-    assert all(_gone(pid) for pid in worker_pids)
+    assert all(pid_gone(pid) for pid in worker_pids)
 
     with ProcessExecutor(ProcessOptions(jobs=2)) as ex:
         result = batch.run_batch(paths, measure_galaxy, out, executor=ex, resume=True, is_done=outputs_exist)
@@ -277,17 +269,6 @@ def test_killed_batch_resumes_without_redoing_finished(tmp_path):
     assert set(result.ok) == {p.stem for p in paths} - done_before and result.all_ok
     assert all(len(runs(out, g)) == 1 for g in done_before)  # finished galaxies were not redone
     assert all(row["status"] == "ok" for row in report_rows(out).values())
-
-
-def _gone(pid, wait=5.0):
-    end = time.monotonic() + wait
-    while time.monotonic() < end:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 # --------------------------------------------------------------------- shards
@@ -406,12 +387,19 @@ def test_progress_states_and_default_reporter(survey, tmp_path, caplog):
             return True
 
     term = Terminal()
-    reporter = batch.ProgressReporter(term)
+    with caplog.at_level("INFO", logger="sphot_core"):
+        reporter = batch.ProgressReporter(term)
     for state in states:
         reporter(state)
     text = term.getvalue()
     assert text.count("\r") == len(states) and text.endswith("\n") and text.count("\n") == 1
     assert "6/6: 4 ok, 2 failed, 0 running" in text
+
+    # quieted (-q): even a terminal gets no live line
+    with caplog.at_level("WARNING", logger="sphot_core"):
+        quiet_term = Terminal()
+        batch.ProgressReporter(quiet_term)(states[-1])
+    assert quiet_term.getvalue() == ""
 
     plain = batch.ProgressReporter(io.StringIO())
     with caplog.at_level("INFO", logger="sphot_core.batch"):

@@ -219,3 +219,21 @@ def test_batch_reports_bad_galaxies(sim, tmp_path):
     assert ",ok," in rows["g1"]
     assert "bad" in report and "failed" in report and "not an HDF5 file" in report
     assert (out / "g1_galaxy.csv").exists() and (out / "batch_logs" / "bad.log").exists()
+
+
+def test_merge_and_resume_keep_the_stored_config(sim, tmp_path):
+    out = tmp_path / "out"
+    code, _, err = sphot("run", sim["galaxy"], "--psf", sim["psf"], "--out", out, "--jobs", "1", *FAST, "--set", "core.iter_scalefit=2", cwd=tmp_path)
+    assert code == 0, err
+    # a resume without repeating --set continues with the stored settings
+    code, _, err = sphot("run", sim["galaxy"], "--psf", sim["psf"], "--out", out, "--resume", cwd=tmp_path)
+    assert code == 0, err
+    with h5py.File(out / "g1_sphot.h5") as f:
+        stored = f.attrs["config"]
+    assert "iter_scalefit = 2" in stored and "iter_basefit = 2" in stored
+    merged = tmp_path / "merged"
+    code, stdout, err = sphot("merge", out, "--out", merged)
+    assert code == 0, err
+    assert "catalog_galaxy.csv" in stdout and "catalog_sources.csv" in stdout
+    rows = (merged / "catalog_galaxy.csv").read_text().splitlines()
+    assert rows[0].startswith("galaxy,filter,") and len(rows) == 3

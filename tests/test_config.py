@@ -248,6 +248,7 @@ def test_original_tool_config_keeps_working(cwd, caplog):
     assert "final_refit_method is deprecated, use [refit] method" in notes
     assert "kernel_anchor_K is deprecated, use [psf-calib.multi_source] kernel_anchor_K" in notes
     assert "modelimg_render_shape is no longer used" in notes
+    assert "sigma_guess is no longer used" in notes
     assert "deprecated config key" in caplog.text
     assert cfg.sources["refit.method"].endswith("sphot_config.toml")
 

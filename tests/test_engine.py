@@ -226,12 +226,18 @@ def test_stage_objects_replace_configured_ones(field, config, tmp_path):
             return self.inner.fit(problem, start)
 
     fitter = Counting()
-    cfg = config.with_overrides({"core.iter_basefit": 2, "core.iter_scalefit": 1, "psf-calib.in_mainloop": False})
+    # a free centre shift gives the scale fits a parameter to optimize (with everything
+    # pinned the engine solves the linear amplitudes without an optimizer)
+    cfg = config.with_overrides(
+        {"core.iter_basefit": 2, "core.iter_scalefit": 1, "core.scale_shift_max": 0.3, "psf-calib.in_mainloop": False}
+    )
     galaxy = load_galaxy(field["galaxy"], field["psf"], config=cfg)
     result = engine.run(galaxy, cfg, jobs=4, sersic_fitter=fitter)  # does not pickle -> bands in this process
     assert all(b.status == "done" for b in result.bands.values())
-    assert fitter.calls >= 3 + 2 * 2
-    assert {h["optimizer"] for b in result.bands.values() for h in b.history if h.get("optimizer")} == {"levmar"}
+    # base: primer + 2 iterations; each of the 2 scale bands: 1 iteration
+    assert fitter.calls >= 3 + 2
+    # pinned fits are solved linearly, with no optimizer
+    assert {h["optimizer"] for b in result.bands.values() for h in b.history if h.get("optimizer")} == {"levmar", "linear"}
     with pytest.raises(InputError, match="unknown stage argument"):
         engine.run(galaxy, cfg, optimiser=fitter)
 
@@ -261,3 +267,33 @@ def test_failed_aperture_photometry_keeps_the_fits(field, config, tmp_path, monk
     galaxy, _ = read_sphot(tmp_path / "sim_sphot.h5")
     assert "fewer than 5" in galaxy.meta["aperture_error"]
     assert (tmp_path / "sim_galaxy.csv").exists()
+
+
+def test_bands_run_in_parallel_under_a_terminal_reporter(field, config, caplog):
+    """The live display must not force the bands into this process."""
+    import io
+    import logging
+
+    from sphot_core.progress import TerminalReporter
+
+    cfg = config.with_overrides({"core.iter_basefit": 2, "core.iter_scalefit": 1, "psf-calib.in_mainloop": False})
+    galaxy = load_galaxy(field["galaxy"], field["psf"], config=cfg)
+    screen = io.StringIO()
+    reporter = TerminalReporter("sim", screen)
+    try:
+        with caplog.at_level(logging.INFO, logger="sphot_core.engine"):
+            result = engine.run(galaxy, cfg, jobs=2, progress=reporter)
+    finally:
+        reporter.close()
+    assert "in this process" not in caplog.text
+    assert all(b.status == "done" for b in result.bands.values())
+    assert "F277W" in screen.getvalue() and "done" in screen.getvalue()  # worker events reached the display
+
+
+def test_rerun_basefit_redoes_every_band(field, config, tmp_path):
+    cfg = config.with_overrides({"core.iter_basefit": 2, "core.iter_scalefit": 1, "psf-calib.in_mainloop": False})
+    engine.run_file(field["galaxy"], tmp_path, psf=field["psf"], config=cfg, jobs=1)
+    summary = engine.run_file(tmp_path / "sim_sphot.h5", None, config=cfg, rerun="basefit", filters=["F090W"], jobs=1)
+    assert summary["status"] == "ok", summary
+    galaxy, _ = read_sphot(tmp_path / "sim_sphot.h5")
+    assert all(b.status == "done" and b.sersic is not None for b in galaxy.bands.values())

@@ -9,6 +9,7 @@ import time
 
 import pytest
 
+from conftest import pid_gone
 from sphot_core.errors import ConfigError, InputError, PluginError
 from sphot_core.registry import get_registry
 from sphot_plugins import executors
@@ -73,17 +74,6 @@ def summarise(outcomes):
         kind = None if outcome.ok else outcome.error.split(":")[0]
         summary[outcome.job] = (outcome.result, kind)
     return summary
-
-
-def _pid_gone(pid, wait=5.0):
-    end = time.monotonic() + wait
-    while time.monotonic() < end:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def _check_details(outcomes, tmp_path):
@@ -153,7 +143,7 @@ def test_processes_isolate_crash_and_timeout(tmp_path, monkeypatch):
         outcomes = list(ex.run(toy_job, jobs, timeout=TIMEOUT))
         assert summarise(outcomes) == _expected(tmp_path)
         _check_details(outcomes, tmp_path)
-        assert _pid_gone(int((tmp_path / "hang.pid").read_text()))  # the hung worker was killed
+        assert pid_gone(int((tmp_path / "hang.pid").read_text()))  # the hung worker was killed
         # crashed and killed workers were replaced: the same executor keeps working
         again = list(ex.run(toy_job, [("env", 0), ("square", 9), ("pid", 0), ("pid", 1)]))
     results = {o.job: o.result for o in again}
@@ -191,7 +181,7 @@ def test_processes_early_stop_kills_jobs_in_flight(tmp_path):
         while not pid_file.exists() and time.monotonic() < end:
             time.sleep(0.05)
         outcomes.close()  # e.g. Ctrl-C in the batch loop
-        assert _pid_gone(int(pid_file.read_text()))
+        assert pid_gone(int(pid_file.read_text()))
 
 
 # ------------------------------------------------------------------------- dask
@@ -215,7 +205,7 @@ def test_dask_same_outcomes_as_processes(dask_executor, tmp_path):
     outcomes = list(dask_executor.run(toy_job, _jobs(tmp_path), timeout=TIMEOUT))
     assert summarise(outcomes) == _expected(tmp_path)
     _check_details(outcomes, tmp_path)
-    assert _pid_gone(int((tmp_path / "hang.pid").read_text()))  # its worker was restarted
+    assert pid_gone(int((tmp_path / "hang.pid").read_text()))  # its worker was restarted
     assert dask_executor.client.scheduler.address.startswith("tcp://127.0.0.1:")
     # the cluster is whole again and BLAS is pinned in its workers
     again = list(dask_executor.run(toy_job, [("env", 0), ("square", 5)]))

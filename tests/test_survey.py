@@ -50,13 +50,6 @@ def survey(tmp_path_factory):
     return paths, psf
 
 
-@pytest.fixture(scope="module")
-def dask_cluster():
-    distributed = pytest.importorskip("distributed")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, host="127.0.0.1", dashboard_address=None) as cluster:
-        yield cluster
-
-
 def test_identical_catalogues_through_every_executor(survey, tmp_path, request):
     paths, psf = survey
     process_one = functools.partial(runner.process_galaxy, settings=settings(psf))
