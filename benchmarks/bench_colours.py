@@ -11,6 +11,10 @@ told from it).
 Usage::
 
     python benchmarks/bench_colours.py [--seeds 1 2 3 ...] [--snr 150] [--free-radius 6]
+        [--placements anywhere free] [--set core.scale_free='["n"]' ...]
+
+``--set KEY=VALUE`` (VALUE in JSON, as ``sphot run --set``) changes the configuration,
+to compare settings on the same fields.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ FILTERS = ("F555W", "F814W", "F090W", "F150W", "F160W", "F277W")
 PSF_DIR = Path(os.environ.get("SPHOT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "psf"
 
 
-def one(seed: int, snr: float, free: float, work: Path, jobs: int):
+def one(seed: int, snr: float, free: float, work: Path, jobs: int, overrides=None):
     from sphot_core.config import load_config
     from sphot_core.engine import run_file
     from sphot_core.io import read_sphot
@@ -38,7 +42,7 @@ def one(seed: int, snr: float, free: float, work: Path, jobs: int):
     paths = simulate_to_file(work / f"sim{seed}.h5", psf=PSF_DIR, filters=FILTERS, size=151, n_stars=500, seed=seed, snr=snr, star_free_radius=free)
     truth = json.loads(paths["truth"].read_text())
     t0 = time.perf_counter()
-    summary = run_file(paths["galaxy"], work / f"out{seed}", psf=PSF_DIR, config=load_config(use_user_config=False), jobs=jobs)
+    summary = run_file(paths["galaxy"], work / f"out{seed}", psf=PSF_DIR, config=load_config(use_user_config=False).with_overrides(overrides or {}), jobs=jobs)
     seconds = time.perf_counter() - t0
     galaxy, _ = read_sphot(summary["outputs"]["sphot"])
     mags = {f: magnitude(b.sersic.flux, b.sersic.flux_err, b.zeropoint) for f, b in galaxy.bands.items()}
@@ -54,16 +58,25 @@ def main():
     ap.add_argument("--snr", type=float, default=150.0)
     ap.add_argument("--free-radius", type=float, default=6.0)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--placements", nargs="+", choices=("anywhere", "free"), default=["anywhere", "free"])
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=JSON")
     args = ap.parse_args()
+    overrides = {}
+    for item in args.sets:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
+    if overrides:
+        print("configuration changes:", overrides)
     cols = [f for f in FILTERS if f != "F150W"]
-    for free in (0.0, args.free_radius):
+    radii = {"anywhere": 0.0, "free": args.free_radius}
+    for free in (radii[p] for p in args.placements):
         label = "stars anywhere" if free == 0 else f"no star within {free:g} px of the centre"
         print(f"\n== S/N {args.snr:g}, 500 stars, {label}")
         print(f"{'seed':>4} " + " ".join(f"{c:>8}" for c in cols) + f" {'F150W mag':>9} {'seconds':>7}")
         worst = []
         with tempfile.TemporaryDirectory() as tmp:
             for seed in args.seeds:
-                err, sig, dmag, sec = one(seed, args.snr, free, Path(tmp), args.jobs)
+                err, sig, dmag, sec = one(seed, args.snr, free, Path(tmp), args.jobs, overrides)
                 worst.append(max(abs(v) for v in err.values()))
                 print(f"{seed:>4} " + " ".join(f"{err[c]:+8.4f}" for c in cols) + f" {dmag:+9.4f} {sec:7.1f}", flush=True)
         worst = np.array(worst)

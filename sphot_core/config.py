@@ -147,6 +147,8 @@ class CoreConfig:
     forced_filters: Tuple[str, ...] = attrs.field(default=(), converter=_str_list)
     residual_clip_sigma: float = attrs.field(default=15.0, validator=_positive)
     mask_aper_size_in_r_eff: float = attrs.field(default=3.5, validator=_positive)
+    joint_linear: bool = False
+    joint_linear_sky: bool = False
 
 
 @attrs.frozen

@@ -469,10 +469,80 @@ class _BandLoop:
             self.rerender()
         self._timed("calibration", t0)
 
+    def joint(self, *, positions_fitted: bool) -> None:
+        """Galaxy brightness and star fluxes in one linear solve (``[core] joint_linear``).
+
+        Shape and positions stay as the last steps left them; the galaxy model (one
+        column: every linear parameter scaled by the same factor) and the stars' stamps
+        (and, with ``joint_linear_sky``, a sky correction) are solved together,
+        non-negatively, on ``data - sky``. Alternating the two steps reaches the same
+        solution only slowly where they overlap (each step hands the other the light it
+        cannot yet tell apart). Sources whose flux goes to
+        zero are dropped; the galaxy's flux error becomes the larger of the Sersic fit's
+        and the joint solve's (which includes the covariance with the stars). With
+        ``positions_fitted`` (the positions were fitted on this image: base band) the
+        star fluxes get the refit's position-bias correction, if it is configured.
+        """
+        from . import photometry as ph
+
+        b = self.band
+        src = b.sources
+        if not self.cfg.core.joint_linear or b.sersic is None or b.galaxy_model is None or src is None or len(src) == 0:
+            return
+        t0 = time.perf_counter()
+        opts = getattr(self.st.refit, "options", None)
+        stamp = opts if isinstance(opts, ph.StampOptions) else ph.StampOptions()
+        core = ph.fit_half_size(b.psf, stamp.fit_box_fwhm)
+        image = b.residual(galaxy=False, stars=False)
+        system = ph.PixelSystem.build(image, b.noise, ph.usable_pixels(image, b.mask))
+        sky_terms = self._sky_terms()
+        sol = ph.solve_fluxes(
+            system, b.psf, src.x, src.y, src.flux, tolerance=stamp.stamp_tolerance, minimum_half=core, wings=True,
+            extra=np.concatenate([b.galaxy_model[None], sky_terms]), extra_signed=[False] + [True] * len(sky_terms),
+        )
+        scale = float(sol.extra_flux[0])
+        if not (scale > 0 and math.isfinite(scale)):
+            self._timed("joint", t0)
+            return  # no galaxy left in the joint solve: the Sersic step will say so
+        keep = sol.flux > 0
+        flux_err = sol.flux_errors()
+        scale_err = float(sol.extra_errors()[0])
+        galaxy = scale * b.galaxy_model
+        sky_change = np.tensordot(sol.extra_flux[1:], sky_terms, axes=1) if len(sky_terms) else 0.0
+        b.sky_model = b.component("sky") + sky_change
+        stars_image = image - galaxy - sky_change
+        res = ph.finalize(
+            stars_image, ph.PixelSystem.build(stars_image, b.noise, system.valid), b.psf, src.x[keep], src.y[keep],
+            sol.flux[keep], flux_err[keep], np.asarray(src.flags)[keep], tolerance=stamp.stamp_tolerance,
+            fit_half=core, positions_fitted=positions_fitted and getattr(stamp, "flux_bias_correction", False),
+            stats={"refit": "joint"},
+        )
+        b.sources = res.sources
+        b.star_model = res.model
+        b.galaxy_model = galaxy
+        b.sersic = _scaled(b.sersic, scale, scale_err)
+        self._timed("joint", t0)
+
+    def _sky_terms(self) -> np.ndarray:
+        """Images of the sky corrections solved in :meth:`joint` (``[core]
+        joint_linear_sky``): none for the ``none`` sky, a constant for ``constant``,
+        else a constant and a plane (x, y in units of the image size around its centre)."""
+        b = self.band
+        name = getattr(self.st.sky, "name", "")
+        if name == "none" or not self.cfg.core.joint_linear_sky:
+            return np.zeros((0,) + b.shape)
+        ny, nx = b.shape
+        terms = [np.ones(b.shape)]
+        if name != "constant":
+            yy, xx = np.mgrid[0:ny, 0:nx]
+            terms += [(xx - (nx - 1) / 2) / nx, (yy - (ny - 1) / 2) / ny]
+        return np.array(terms)
+
     def cycle(self, iteration: int, *, warm: bool, positions=None) -> None:
-        """sky -> stars -> sky -> outliers -> calibration."""
+        """sky -> stars -> joint galaxy/star brightness -> sky -> outliers -> calibration."""
         self.sky()
         self.stars(warm=warm, positions=positions)
+        self.joint(positions_fitted=positions is None and self.seed_for is None)
         self.sky()
         self.update_outliers()
         self.calibrate(iteration)
@@ -544,6 +614,27 @@ class _BandLoop:
             if it + 1 >= core.mainloop_min_iter and streak >= core.mainloop_convergence_patience:
                 return True
         return n_iter == 0
+
+
+def _scaled(result, scale: float, scale_err: float):
+    """``result`` with every linear parameter (and the flux) multiplied by ``scale``.
+
+    ``scale_err`` is the 1-sigma error of ``scale`` from a joint solve; the flux error
+    becomes the larger of the scaled Sersic error and ``scale_err x flux``.
+    """
+    from .sersic import model_spec
+
+    linear = set(model_spec(result.model).linear)
+    params = {k: v * scale if k in linear else v for k, v in result.params.items()}
+    errors = {k: v * scale if k in linear else v for k, v in result.errors.items()}
+    cov = result.covariance
+    if cov is not None:
+        factor = np.array([scale if n in linear else 1.0 for n in result.names])
+        cov = cov * np.outer(factor, factor)
+    flux_err = result.flux_err * scale
+    if math.isfinite(scale_err):
+        flux_err = max(flux_err, scale_err * result.flux) if math.isfinite(flux_err) else scale_err * result.flux
+    return attrs.evolve(result, params=params, errors=errors, covariance=cov, flux=result.flux * scale, flux_err=flux_err)
 
 
 def _model_name(config) -> str:

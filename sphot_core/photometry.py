@@ -40,7 +40,7 @@ from __future__ import annotations
 import logging
 import warnings
 import weakref
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import attrs
 import numpy as np
@@ -636,7 +636,7 @@ def _factor(G):
 
 
 def nnls_gram(
-    G, b, x0: Optional[np.ndarray] = None, max_iter: Optional[int] = None
+    G, b, x0: Optional[np.ndarray] = None, max_iter: Optional[int] = None, signed: Optional[np.ndarray] = None
 ) -> Tuple[np.ndarray, Dict[str, Any]]:
     """Minimise ``1/2 f^T G f - b^T f`` subject to ``f >= 0`` (non-negative least squares).
 
@@ -653,6 +653,8 @@ def nnls_gram(
         Warm start; its positive entries form the first free set (default: all free).
     max_iter : int, optional
         Cap on exchanges (default ``10 n + 50``).
+    signed : ndarray of bool, optional
+        Variables without the sign constraint (e.g. a sky offset): always free.
 
     Returns
     -------
@@ -666,7 +668,8 @@ def nnls_gram(
     n = b.size
     if n == 0:
         return np.zeros(0), {"iterations": 0, "converged": True}
-    free = np.ones(n, dtype=bool) if x0 is None else np.asarray(x0) > 0
+    unbounded = np.zeros(n, dtype=bool) if signed is None else np.asarray(signed, dtype=bool)
+    free = np.ones(n, dtype=bool) if x0 is None else (np.asarray(x0) > 0) | unbounded
     max_iter = 10 * n + 50 if max_iter is None else max_iter
     tol = 1e-10 * max(np.abs(b).max(), np.finfo(float).tiny)
 
@@ -681,7 +684,7 @@ def nnls_gram(
     f, grad = solve(free)
     best, budget, it, converged = n + 1, 3, 0, False
     for it in range(1, max_iter + 1):
-        bad = (free & (f < 0)) | (~free & (grad < -tol))
+        bad = ((free & (f < 0)) | (~free & (grad < -tol))) & ~unbounded
         nbad = int(np.count_nonzero(bad))
         if nbad == 0:
             converged = True
@@ -700,7 +703,7 @@ def nnls_gram(
     if not converged:
         log.warning("non-negative flux solve stopped after %d exchanges without meeting the optimality test", it)
     # values at rounding level are zeros that the exact solve did not land on
-    f[f < 1e-10 * max(f.max(), 0.0)] = 0.0
+    f[(f < 1e-10 * max(f[~unbounded].max(initial=0.0), 0.0)) & ~unbounded] = 0.0
     return f, {"iterations": it, "converged": converged}
 
 
@@ -748,6 +751,19 @@ class FluxSolution:
     design: Any
     gram: Any
     info: Dict[str, Any]
+    extra_flux: np.ndarray = attrs.field(factory=lambda: np.zeros(0))
+
+    def _errors(self, all_sources: bool) -> np.ndarray:
+        """Errors of every column (sources, then extra components) from the normal matrix."""
+        coef = np.r_[self.flux, self.extra_flux]
+        err = np.full(coef.size, np.nan)
+        if coef.size == 0:
+            return err
+        sel = np.ones(coef.size, dtype=bool) if all_sources else coef != 0
+        idx = np.flatnonzero(sel & (self.gram.diagonal() > 0))
+        if idx.size:
+            err[idx] = np.sqrt(inverse_diagonal(self.gram[idx][:, idx]))
+        return err
 
     def flux_errors(self, all_sources: bool = False) -> np.ndarray:
         """1-sigma flux errors from the final normal matrix.
@@ -755,17 +771,15 @@ class FluxSolution:
         By default from the matrix restricted to the sources with positive flux (the
         design of the sources that remain; NaN for zero-flux sources). With
         ``all_sources`` from the full matrix, for every source (forced photometry: the
-        error of the unconstrained linear estimate).
+        error of the unconstrained linear estimate). Extra components solved with the
+        sources (``solve_fluxes(extra=...)``) are part of the matrix, so the errors
+        include their covariance.
         """
-        n = self.flux.size
-        err = np.full(n, np.nan)
-        if n == 0:
-            return err
-        sel = np.ones(n, dtype=bool) if all_sources else self.flux > 0
-        idx = np.flatnonzero(sel & (self.gram.diagonal() > 0))
-        if idx.size:
-            err[idx] = np.sqrt(inverse_diagonal(self.gram[idx][:, idx]))
-        return err
+        return self._errors(all_sources)[: self.flux.size]
+
+    def extra_errors(self) -> np.ndarray:
+        """1-sigma errors of the extra components' coefficients (NaN where exactly zero)."""
+        return self._errors(False)[self.flux.size :]
 
 
 def solve_fluxes(
@@ -779,6 +793,8 @@ def solve_fluxes(
     minimum_half: int = 2,
     fixed_halves: Optional[np.ndarray] = None,
     wings: bool = False,
+    extra: Optional[np.ndarray] = None,
+    extra_signed: Optional[Sequence[bool]] = None,
 ) -> FluxSolution:
     """All fluxes at fixed positions, jointly and non-negatively, on per-source stamps.
 
@@ -800,11 +816,24 @@ def solve_fluxes(
         Stamp rule (:func:`stamp_halves`).
     fixed_halves : ndarray, optional
         Use these half-sizes instead of the rule.
+    extra : ndarray, optional
+        ``(k, ny, nx)`` images of fixed-shape components (e.g. the galaxy model) whose
+        non-negative coefficients are solved together with the fluxes
+        (:attr:`FluxSolution.extra_flux`: the factor each image is scaled by). Their
+        columns are dense; the normal matrix keeps one dense row and column each.
+    extra_signed : sequence of bool, optional
+        Per extra component: its coefficient may be negative (a sky correction).
     """
     x = np.atleast_1d(np.asarray(x, dtype=float))
     y = np.atleast_1d(np.asarray(y, dtype=float))
     n = x.size
-    if n == 0:
+    dense = None
+    if extra is not None:
+        ex = np.asarray(extra, dtype=float)
+        if ex.ndim != 3 or ex.shape[1:] != system.shape:
+            raise InputError(f"solve_fluxes: extra must have shape (k, {system.shape[0]}, {system.shape[1]}), got {ex.shape}")
+        dense = sparse.csc_matrix(np.nan_to_num(ex[:, system.valid].T) * system.inv_sigma[:, None])
+    if n == 0 and dense is None:
         empty = sparse.csc_matrix((system.size, 0))
         info = {"iterations": 0, "converged": True}
         return FluxSolution(np.zeros(0), np.zeros(0, dtype=int), empty, sparse.csc_matrix((0, 0)), info)
@@ -816,19 +845,25 @@ def solve_fluxes(
         return stamp_halves(psf, f, sig, tolerance, minimum_half)
 
     f = np.nan_to_num(np.broadcast_to(np.asarray(flux_guess, dtype=float), x.shape).copy())
+    k = 0 if dense is None else dense.shape[1]
+    coef = np.r_[f, np.ones(k)]
     halves = halves_for(f)
     rebuilds = solves = 0
     A = G = None
     while True:
         if A is None:
             A = design(psf, x, y, halves, system)
+            if dense is not None:
+                A = sparse.hstack([A, dense]).tocsc()
             G = (A.T @ A).tocsc()
         data = system.data
         if wings and np.any(f > 0):
             w = render_wings(system.shape, psf, x, y, np.clip(f, 0, None), halves)
             data = data - w[system.valid] * system.inv_sigma
         previous = f
-        f, info = nnls_gram(G, A.T @ data, x0=previous if np.any(previous > 0) else None)
+        signed = None if extra_signed is None else np.r_[np.zeros(n, dtype=bool), np.asarray(extra_signed, dtype=bool)]
+        coef, info = nnls_gram(G, A.T @ data, x0=coef if np.any(coef > 0) else None, signed=signed)
+        f = coef[:n]
         solves += 1
         need = halves_for(f)
         if rebuilds < 1 and np.any(need > halves):
@@ -838,10 +873,10 @@ def solve_fluxes(
             continue
         if not wings or solves >= 4:
             break
-        scale = np.sqrt(1.0 / np.maximum(G.diagonal(), np.finfo(float).tiny))
+        scale = np.sqrt(1.0 / np.maximum(G.diagonal()[:n], np.finfo(float).tiny))
         if np.all(np.abs(f - previous) <= 0.01 * scale):
             break
-    return FluxSolution(f, halves, A, G, dict(info, rebuilds=rebuilds, solves=solves))
+    return FluxSolution(f, halves, A, G, dict(info, rebuilds=rebuilds, solves=solves), extra_flux=coef[n:])
 
 
 # ------------------------------------------------------------------ positions

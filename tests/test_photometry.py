@@ -95,6 +95,45 @@ def test_nnls_gram_matches_scipy_nnls(rng):
         np.testing.assert_allclose(f, ref, atol=1e-7)
 
 
+def test_nnls_gram_leaves_signed_variables_free(rng):
+    """Signed variables (sky offsets) may go negative; the others stay >= 0."""
+    A = rng.normal(size=(80, 12))
+    truth = np.r_[np.abs(rng.normal(size=10)), -3.0, 2.0]
+    truth[:3] = 0.0
+    b = A @ truth + 0.01 * rng.normal(size=80)
+    signed = np.r_[np.zeros(10, bool), True, True]
+    f, info = ph.nnls_gram(sparse.csc_matrix(A.T @ A), A.T @ b, signed=signed)
+    assert info["converged"] and f[10] < 0 and np.all(f[:10] >= 0)
+    # the same as NNLS with the signed columns split into +/- pairs
+    ref, _ = optimize.nnls(np.c_[A, -A[:, 10:]], b)
+    np.testing.assert_allclose(f, np.r_[ref[:10], ref[10:12] - ref[12:]], atol=1e-6)
+
+
+def test_solve_fluxes_with_a_galaxy_and_a_sky_column(gauss_psf):
+    """Stars on a galaxy and a sky offset: one joint solve recovers all three exactly."""
+    shape = (64, 64)
+    yy, xx = np.mgrid[0:64, 0:64]
+    galaxy = 50.0 * np.exp(-np.hypot(xx - 31.7, yy - 32.4) / 6.0)
+    x = np.array([30.0, 36.2, 12.5])
+    y = np.array([33.0, 29.1, 50.2])
+    flux = np.array([400.0, 150.0, 90.0])
+    img = ph.render_sources(shape, gauss_psf, x, y, flux, 12) + 0.7 * galaxy - 2.5
+    system = _system(img, 1.0)
+    sol = ph.solve_fluxes(system, gauss_psf, x, y, flux * 2, fixed_halves=12,
+                          extra=np.array([galaxy, np.ones(shape)]), extra_signed=[False, True])
+    np.testing.assert_allclose(sol.flux, flux, rtol=1e-6)
+    np.testing.assert_allclose(sol.extra_flux, [0.7, -2.5], rtol=1e-6)
+    # errors from the full normal matrix: the stars' include their covariance with the galaxy
+    A = np.c_[ph.design(gauss_psf, x, y, 12, system).toarray(), galaxy.ravel(), np.ones(64 * 64)]
+    expect = np.sqrt(np.diag(np.linalg.inv(A.T @ A)))
+    np.testing.assert_allclose(sol.flux_errors(), expect[:3], rtol=1e-5)
+    np.testing.assert_allclose(sol.extra_errors(), expect[3:], rtol=1e-5)
+    alone = ph.solve_fluxes(system, gauss_psf, x, y, flux, fixed_halves=12).flux_errors()
+    assert sol.flux_errors()[0] > alone[0]
+    with pytest.raises(Exception, match="extra must have shape"):
+        ph.solve_fluxes(system, gauss_psf, x, y, flux, extra=np.ones((1, 5, 5)))
+
+
 def test_inverse_diagonal(rng):
     A = rng.normal(size=(80, 30))
     G = A.T @ A
