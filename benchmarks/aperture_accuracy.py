@@ -31,9 +31,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from astropy.modeling.models import Sersic2D
-from scipy import special
-from scipy.optimize import brentq
 from scipy.signal import fftconvolve
 
 from sphot_core.aperture import (
@@ -50,27 +47,11 @@ from sphot_core.aperture import (
 from sphot_core.data import Band, Galaxy
 from sphot_core.errors import DegenerateCutoutError
 from sphot_core.psf import PSFModel, gaussian_kernel
+from sphot_core.testing import pixel_averaged_sersic, sersic_petrosian_radius
 
 FILTERS = ("F555W", "F814W", "F090W", "F150W", "F160W", "F277W")
 REPO = Path(__file__).resolve().parents[1]
 
-
-def sersic_image(shape, x0, y0, r_eff, n, ellip=0.0, theta=0.0, amplitude=1.0, sub=5):
-    model = Sersic2D(amplitude=amplitude, r_eff=r_eff, n=n, x_0=x0, y_0=y0, ellip=ellip, theta=theta)
-    yy, xx = np.indices(shape, dtype=float)
-    offsets = (np.arange(sub) + 0.5) / sub - 0.5
-    return sum(model(xx + dx, yy + dy) for dy in offsets for dx in offsets) / sub**2
-
-
-def petrosian_radius(r_eff, n, petro=0.5):
-    b = special.gammaincinv(2 * n, 0.5)
-
-    def eta(r):
-        x = b * (r / r_eff) ** (1 / n)
-        mean_inside = 2 * n * np.exp(b) * b ** (-2 * n) * special.gamma(2 * n) * special.gammainc(2 * n, x)
-        return np.exp(-b * ((r / r_eff) ** (1 / n) - 1)) / (mean_inside * (r_eff / r) ** 2) - petro
-
-    return brentq(eta, 1e-3 * r_eff, 50 * r_eff)
 
 
 def study_petrosian():
@@ -79,9 +60,9 @@ def study_petrosian():
     errs, base_errs = [], []
     fractions = np.linspace(0.05, 0.95, 100)
     for n, r_eff in [(0.5, 15.0), (1.0, 8.0), (1.0, 12.0), (1.5, 10.0), (2.0, 25.0), (2.5, 30.0)]:
-        image = sersic_image((201, 201), 100.3, 99.6, r_eff, n)
+        image = pixel_averaged_sersic((201, 201), 100.3, 99.6, r_eff, n)
         result = petrosian_aperture(image, isophotal_ellipses(image, fractions), 0.5)
-        truth = petrosian_radius(r_eff, n)
+        truth = sersic_petrosian_radius(r_eff, n)
         ours = math.sqrt(result.aperture.a * result.aperture.b)
         finite = np.isfinite(result.eta_raw)
         k = np.nonzero(finite)[0][np.argmin(np.abs(result.eta_raw[finite] - 0.5))]
@@ -98,7 +79,7 @@ def study_flux_errors(n_real=1000):
     print(f"2. Aperture-flux error calibration, {n_real} noise realisations, a = b = 8 px aperture")
     shape = (121, 121)
     psf = PSFModel.from_array(gaussian_kernel(1.5, half=11), 1, filter="A")
-    galaxy = fftconvolve(sersic_image(shape, 60.0, 60.0, 6.0, 1.0), psf.grid_kernel, mode="same")
+    galaxy = fftconvolve(pixel_averaged_sersic(shape, 60.0, 60.0, 6.0, 1.0), psf.grid_kernel, mode="same")
     aperture = ApertureGeometry(60.0, 60.0, 8.0, 8.0, 0.0)
     w2 = np.sum(aperture.weights(shape) ** 2)
     sigma = 0.05
@@ -135,7 +116,7 @@ def simulate_field(psfs, rng, shape=(255, 255), noise=0.004, n_stars=200, star_e
 
     The fitted star model has 2 % flux errors (imperfect subtraction).
     """
-    intrinsic = sersic_image(shape, 127.4, 126.7, 10.0, 1.5, ellip=0.3, theta=0.8, amplitude=0.5)
+    intrinsic = pixel_averaged_sersic(shape, 127.4, 126.7, 10.0, 1.5, ellip=0.3, theta=0.8, amplitude=0.5)
     colours = dict(zip(FILTERS, (1.2, 0.6, 0.4, 0.0, -0.05, -0.3)))  # mag - mag(F150W)
     bands = {}
     for f in FILTERS:
@@ -250,7 +231,7 @@ def study_profile_image(n_real=8):
     shape = (201, 201)
     psf = PSFModel.from_array(gaussian_kernel(1.2, half=10), 1, filter="A")
     galaxy = fftconvolve(
-        sersic_image(shape, 100.3, 99.6, 10.0, 1.5, ellip=0.3, theta=0.7, amplitude=2.0), psf.grid_kernel, mode="same"
+        pixel_averaged_sersic(shape, 100.3, 99.6, 10.0, 1.5, ellip=0.3, theta=0.7, amplitude=2.0), psf.grid_kernel, mode="same"
     )
     both = dict(fit_isophot_to="star_subtracted", petro_profile_on="star_subtracted")
     print(f"{'noise':>6} {'aperture S/N':>13} {'a model':>8} {'std':>6} {'a data':>7} {'std':>6} {'failed':>7}")

@@ -33,6 +33,7 @@ from scipy import ndimage
 from sphot_core.calibrate import KernelTracker, galaxy_exclusion_mask
 from sphot_core.psf import PSFModel
 from sphot_core.registry import get_registry
+from sphot_core.testing import random_star_field
 from sphot_core.stats import robust_sigma
 from sphot_plugins import calibration as cal_mod
 
@@ -55,17 +56,9 @@ def real_image(filt="F150W"):
     return image, galaxy_exclusion_mask(image.shape, G260_GEOMETRY, factor=1.5)
 
 
-def star_field(psf, seed, n=60, shape=(200, 200), noise=1.0, min_sep=6.0):
-    rng = np.random.default_rng(seed)
-    xs, ys = [], []
-    while len(xs) < n:
-        x, y = rng.uniform(10, shape[1] - 11), rng.uniform(10, shape[0] - 11)
-        if all((x - a) ** 2 + (y - b) ** 2 > min_sep**2 for a, b in zip(xs, ys)):
-            xs.append(x)
-            ys.append(y)
-    x, y = np.array(xs), np.array(ys)
-    flux = 10 ** rng.uniform(2.5, 4.0, n)
-    return psf.render(shape, x, y, flux, half=40) + rng.normal(0.0, noise, shape), x, y, flux
+def star_field(psf, seed):
+    """60 stars of known position and flux on a 200x200 field (unit noise)."""
+    return random_star_field(psf, seed, n=60, shape=(200, 200), log_flux=(2.5, 4.0), half=40)
 
 
 def flux_bias(image, psf, x, y, flux):

@@ -39,7 +39,59 @@ from .stages import (
     SkyResult,
 )
 
-__all__ = ["checks_for", "check_plugin", "plugin_checks"]
+__all__ = ["checks_for", "check_plugin", "plugin_checks", "pixel_averaged_sersic", "sersic_petrosian_radius", "random_star_field"]
+
+
+# ------------------------------------------------------------- known truth
+
+
+def pixel_averaged_sersic(shape, x0, y0, r_eff, n, ellip=0.0, theta=0.0, amplitude=1.0, sub=5) -> np.ndarray:
+    """astropy ``Sersic2D`` averaged over ``sub x sub`` points per pixel.
+
+    A brute-force, fitter-independent image of a Sersic profile (pixel (0, 0) centred
+    at 0.0), for checks against known truth.
+    """
+    from astropy.modeling.models import Sersic2D
+
+    model = Sersic2D(amplitude=amplitude, r_eff=r_eff, n=n, x_0=x0, y_0=y0, ellip=ellip, theta=theta)
+    yy, xx = np.indices(shape, dtype=float)
+    offsets = (np.arange(sub) + 0.5) / sub - 0.5
+    return sum(model(xx + dx, yy + dy) for dy in offsets for dx in offsets) / sub**2
+
+
+def sersic_petrosian_radius(r_eff: float, n: float, petro: float = 0.5) -> float:
+    """Radius where I(r) / <I>(<r) = ``petro`` for a circular Sersic profile (analytic)."""
+    from scipy import special
+    from scipy.optimize import brentq
+
+    b = special.gammaincinv(2 * n, 0.5)
+
+    def eta(r):
+        x = b * (r / r_eff) ** (1 / n)
+        mean_inside = 2 * n * np.exp(b) * b ** (-2 * n) * special.gamma(2 * n) * special.gammainc(2 * n, x)
+        return np.exp(-b * ((r / r_eff) ** (1 / n) - 1)) / (mean_inside * (r_eff / r) ** 2) - petro
+
+    return brentq(eta, 1e-3 * r_eff, 50 * r_eff)
+
+
+def random_star_field(psf, seed: int, *, n: int, shape, noise: float = 1.0, min_sep: float = 6.0,
+                      log_flux=(2.7, 4.0), half: int = 20):
+    """``n`` stars at least ``min_sep`` px apart, fluxes log-uniform in ``10**log_flux``,
+    rendered with ``psf`` (stamps of half-size ``half``) plus Gaussian noise.
+
+    Returns ``(image, x, y, flux)``.
+    """
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    while len(xs) < n:
+        x, y = rng.uniform(10, shape[1] - 11), rng.uniform(10, shape[0] - 11)
+        if all((x - a) ** 2 + (y - b) ** 2 > min_sep**2 for a, b in zip(xs, ys)):
+            xs.append(x)
+            ys.append(y)
+    x, y = np.array(xs), np.array(ys)
+    flux = 10 ** rng.uniform(log_flux[0], log_flux[1], n)
+    image = psf.render(shape, x, y, flux, half=half) + rng.normal(0.0, noise, shape)
+    return image, x, y, flux
 
 
 # ------------------------------------------------------------------ fixtures

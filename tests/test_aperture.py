@@ -7,9 +7,6 @@ import math
 import attrs
 import numpy as np
 import pytest
-from astropy.modeling.models import Sersic2D
-from scipy import special
-from scipy.optimize import brentq
 from scipy.signal import fftconvolve
 
 from sphot_core.aperture import (
@@ -29,32 +26,13 @@ from sphot_core.aperture import (
 from sphot_core.data import Band, Galaxy
 from sphot_core.errors import ConfigError, DegenerateCutoutError
 from sphot_core.psf import PSFModel, gaussian_kernel
+from sphot_core.testing import pixel_averaged_sersic, sersic_petrosian_radius
 from sphot_core.registry import build_options
 
 FRACTIONS = np.linspace(0.05, 0.95, 100)
 
 
 # ------------------------------------------------------------------------- helpers
-
-
-def sersic_image(shape, x0, y0, r_eff, n, ellip=0.0, theta=0.0, amplitude=1.0, sub=5):
-    """Sersic2D averaged over sub x sub points per pixel (pixel-integrated)."""
-    model = Sersic2D(amplitude=amplitude, r_eff=r_eff, n=n, x_0=x0, y_0=y0, ellip=ellip, theta=theta)
-    yy, xx = np.indices(shape, dtype=float)
-    offsets = (np.arange(sub) + 0.5) / sub - 0.5
-    return sum(model(xx + dx, yy + dy) for dy in offsets for dx in offsets) / sub**2
-
-
-def petrosian_radius(r_eff, n, petro=0.5):
-    """Radius where I(r) / <I>(<r) = petro for a Sersic profile (analytic)."""
-    b = special.gammaincinv(2 * n, 0.5)
-
-    def eta(r):
-        x = b * (r / r_eff) ** (1 / n)
-        mean_inside = 2 * n * np.exp(b) * b ** (-2 * n) * special.gamma(2 * n) * special.gammainc(2 * n, x)
-        return np.exp(-b * ((r / r_eff) ** (1 / n) - 1)) / (mean_inside * (r_eff / r) ** 2) - petro
-
-    return brentq(eta, 1e-3 * r_eff, 50 * r_eff)
 
 
 def gaussian_psf(sigma, name):
@@ -81,7 +59,7 @@ def field():
     """Three bands of one galaxy (colours known), Gaussian PSFs of 1.2, 2.5, 4 px."""
     rng = np.random.default_rng(7)
     shape = (151, 151)
-    intrinsic = sersic_image(shape, 75.3, 74.6, 9.0, 1.5, ellip=0.3, theta=0.7, amplitude=2.0)
+    intrinsic = pixel_averaged_sersic(shape, 75.3, 74.6, 9.0, 1.5, ellip=0.3, theta=0.7, amplitude=2.0)
     scales = {"A": 1.0, "B": 0.7, "C": 1.3}
     sigmas = {"A": 1.2, "B": 2.5, "C": 4.0}
     bands = {f: make_band(f, intrinsic * scales[f], gaussian_psf(sigmas[f], f), rng) for f in scales}
@@ -115,7 +93,7 @@ def test_moment_ellipse_of_a_filled_ellipse():
 
 @pytest.mark.parametrize("theta", [0.6, 2.4])
 def test_isophotes_recover_sersic_axis_ratio_and_angle(theta):
-    image = sersic_image((151, 151), 74.6, 76.2, 14.0, 1.0, ellip=0.4, theta=theta)
+    image = pixel_averaged_sersic((151, 151), 74.6, 76.2, 14.0, 1.0, ellip=0.4, theta=theta)
     isophotes = isophotal_ellipses(image, FRACTIONS)
     big = [iso.geometry for iso in isophotes if iso.npix > 200]
     assert len(big) > 50
@@ -129,7 +107,7 @@ def test_isophotes_recover_sersic_axis_ratio_and_angle(theta):
 
 def test_disconnected_levels_keep_the_galaxy_part():
     """A bright blob elsewhere splits low levels in two regions: the central one is kept."""
-    image = sersic_image((151, 151), 60.0, 70.0, 8.0, 1.0)
+    image = pixel_averaged_sersic((151, 151), 60.0, 70.0, 8.0, 1.0)
     yy, xx = np.indices(image.shape)
     image += 3.0 * np.exp(-((xx - 125.0) ** 2 + (yy - 30.0) ** 2) / (2 * 2.0**2))
     isophotes = isophotal_ellipses(image, FRACTIONS, centre=(60.0, 70.0))
@@ -143,19 +121,19 @@ def test_disconnected_levels_keep_the_galaxy_part():
 
 @pytest.mark.parametrize("n, r_eff", [(1.0, 12.0), (2.0, 25.0), (0.5, 15.0)])
 def test_petrosian_radius_of_circular_sersic_matches_analytic(n, r_eff):
-    image = sersic_image((201, 201), 100.3, 99.6, r_eff, n)
+    image = pixel_averaged_sersic((201, 201), 100.3, 99.6, r_eff, n)
     result = petrosian_aperture(image, isophotal_ellipses(image, FRACTIONS), 0.5)
     ap = result.aperture
     assert result.bracketed and result.flags == 0
-    assert math.sqrt(ap.a * ap.b) == pytest.approx(petrosian_radius(r_eff, n), rel=0.01)
+    assert math.sqrt(ap.a * ap.b) == pytest.approx(sersic_petrosian_radius(r_eff, n), rel=0.01)
     assert (ap.x, ap.y) == pytest.approx((100.3, 99.6), abs=0.1)
 
 
 def test_petrosian_semi_major_axis_of_elliptical_sersic():
-    image = sersic_image((201, 201), 100.0, 100.0, 12.0, 1.0, ellip=0.4, theta=0.6)
+    image = pixel_averaged_sersic((201, 201), 100.0, 100.0, 12.0, 1.0, ellip=0.4, theta=0.6)
     result = petrosian_aperture(image, isophotal_ellipses(image, FRACTIONS), 0.5)
     ap = result.aperture
-    assert ap.a == pytest.approx(petrosian_radius(12.0, 1.0), rel=0.015)
+    assert ap.a == pytest.approx(sersic_petrosian_radius(12.0, 1.0), rel=0.015)
     assert ap.axis_ratio == pytest.approx(0.6, abs=0.01)
     assert ap.theta == pytest.approx(0.6, abs=0.01)
     # the smoothed ratio follows the finite differences of the ladder
@@ -164,7 +142,7 @@ def test_petrosian_semi_major_axis_of_elliptical_sersic():
 
 
 def test_petrosian_level_out_of_range_is_flagged():
-    image = sersic_image((121, 121), 60.0, 60.0, 10.0, 1.0)
+    image = pixel_averaged_sersic((121, 121), 60.0, 60.0, 10.0, 1.0)
     isophotes = isophotal_ellipses(image, FRACTIONS)
     result = petrosian_aperture(image, isophotes, 0.99)
     assert not result.bracketed
@@ -272,7 +250,7 @@ def test_flux_errors_match_the_scatter_over_noise_realisations(correlated):
     """The sky-aperture error is right for white noise and for correlated noise."""
     shape = (121, 121)
     psf = gaussian_psf(1.5, "A")
-    galaxy = fftconvolve(sersic_image(shape, 60.0, 60.0, 6.0, 1.0, amplitude=1.0), psf.grid_kernel, mode="same")
+    galaxy = fftconvolve(pixel_averaged_sersic(shape, 60.0, 60.0, 6.0, 1.0, amplitude=1.0), psf.grid_kernel, mode="same")
     aperture = ApertureGeometry(60.0, 60.0, 8.0, 8.0, 0.0)
     sigma = 0.05
     rng = np.random.default_rng(11)

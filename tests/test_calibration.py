@@ -12,6 +12,7 @@ from sphot_core.calibrate import KernelTracker, galaxy_exclusion_mask, kernel_rm
 from sphot_core.errors import InputError
 from sphot_core.psf import PSFModel
 from sphot_core.registry import get_registry
+from sphot_core.testing import random_star_field
 from sphot_core.stages import KernelFit
 from sphot_plugins.calibration import CalibrationOptions, find_anchors
 
@@ -38,19 +39,9 @@ def calibrator(name="multi_source", options=None):
     return get_registry().create("calibrator", name, options or {})
 
 
-def star_field(psf, seed, n=45, shape=(150, 150), noise=1.0, min_sep=6.0):
-    """Stars of known position/flux rendered with ``psf`` plus Gaussian noise."""
-    rng = np.random.default_rng(seed)
-    xs, ys = [], []
-    while len(xs) < n:
-        x, y = rng.uniform(10, shape[1] - 11), rng.uniform(10, shape[0] - 11)
-        if all((x - a) ** 2 + (y - b) ** 2 > min_sep**2 for a, b in zip(xs, ys)):
-            xs.append(x)
-            ys.append(y)
-    x, y = np.array(xs), np.array(ys)
-    flux = 10 ** rng.uniform(2.7, 4.0, n)
-    image = psf.render(shape, x, y, flux, half=20) + rng.normal(0.0, noise, shape)
-    return image, x, y, flux
+def star_field(psf, seed):
+    """45 stars of known position and flux on a 150x150 field (unit noise)."""
+    return random_star_field(psf, seed, n=45, shape=(150, 150), log_flux=(2.7, 4.0), half=20)
 
 
 def flux_bias(image, psf, x, y, flux):
