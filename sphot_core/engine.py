@@ -512,7 +512,7 @@ class _BandLoop:
         b.sky_model = b.component("sky") + sky_change
         stars_image = image - galaxy - sky_change
         res = ph.finalize(
-            stars_image, ph.PixelSystem.build(stars_image, b.noise, system.valid), b.psf, src.x[keep], src.y[keep],
+            stars_image, system, b.psf, src.x[keep], src.y[keep],
             sol.flux[keep], flux_err[keep], np.asarray(src.flags)[keep], tolerance=stamp.stamp_tolerance,
             fit_half=core, positions_fitted=positions_fitted and getattr(stamp, "flux_bias_correction", False),
             stats={"refit": "joint"},
