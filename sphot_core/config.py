@@ -149,6 +149,9 @@ class CoreConfig:
     mask_aper_size_in_r_eff: float = attrs.field(default=3.5, validator=_positive)
     joint_linear: bool = False
     joint_linear_sky: bool = False
+    wavelength_shape: bool = False
+    wavelength_degree_n: int = attrs.field(default=1, validator=_non_negative)
+    wavelength_degree_r_eff: int = attrs.field(default=1, validator=_non_negative)
 
 
 @attrs.frozen
@@ -244,6 +247,7 @@ SECTIONS: Dict[str, _Section] = {
     "aperture": _Section(None),  # validated by sphot_core.aperture.ApertureOptions
     "executor": _Section(ExecutorConfig, {"method": "executor"}, ("executor",)),
     "zeropoints": _Section(None),
+    "wavelengths": _Section(None),
 }
 
 _ATTR = {"psf-calib": "calib"}
@@ -541,6 +545,8 @@ class SphotConfig:
         The aperture-photometry options object.
     zeropoints : dict
         Filter -> AB zeropoint.
+    wavelengths : dict
+        Filter -> pivot wavelength in micron (``[core] wavelength_shape``).
     options : dict
         ``(stage, canonical name) -> options object`` for every strategy that is
         selected or has a table in the configuration.
@@ -567,6 +573,7 @@ class SphotConfig:
     sources: Dict[str, str]
     notes: Tuple[str, ...] = ()
     layers: Tuple[Tuple[str, Dict[str, Any]], ...] = ()
+    wavelengths: Dict[str, float] = attrs.field(factory=dict)
 
     # ------------------------------------------------------------------ build
     @classmethod
@@ -594,6 +601,9 @@ class SphotConfig:
             values = tree.get(name, {})
             if name == "zeropoints":
                 sections["zeropoints"] = _zeropoints(values, src)
+                continue
+            if name == "wavelengths":
+                sections["wavelengths"] = _wavelengths(values, src)
                 continue
             if name == "aperture":
                 sections["aperture"] = _build_section(_aperture_options_class(), values, name, src)
@@ -719,6 +729,17 @@ def _zeropoints(values: Mapping[str, Any], src) -> Dict[str, float]:
     for key, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(f"[zeropoints]{_where(src, ('zeropoints', key))}: {key} must be a finite number, got {value!r}")
+        out[str(key)] = float(value)
+    return out
+
+
+def _wavelengths(values: Mapping[str, Any], src) -> Dict[str, float]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
+            raise ConfigError(
+                f"[wavelengths]{_where(src, ('wavelengths', key))}: {key} must be a positive wavelength in micron, got {value!r}"
+            )
         out[str(key)] = float(value)
     return out
 

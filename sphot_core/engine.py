@@ -32,6 +32,7 @@ from .calibrate import KernelTracker, galaxy_exclusion_mask
 from .data import Band, Galaxy, SourceTable
 from .errors import InputError, SphotError
 from .flags import GALAXY_FLAGS
+from .multiband import fit_wavelength_shape, wavelength_of
 from .prep import GalaxyGuess, prepare
 from .progress import null_progress
 from .problem import SersicProblem, make_scale_problem
@@ -826,6 +827,9 @@ def run(
         raise InputError(f"--rerun must be basefit, scalefit or photometry, got {rerun!r}")
     emit = progress or null_progress
     stages = Stages.from_config(config, registry=registry, **stage_objects)
+    if config.core.wavelength_shape:  # unknown wavelengths fail here, before any fitting
+        for f in galaxy.bands:
+            wavelength_of(f, config.wavelengths)
     t0 = time.perf_counter()
     if "guess" not in galaxy.meta:
         emit({"stage": "prep"})
@@ -856,8 +860,12 @@ def run(
     redo_base = base.status != "done" or not resume and rerun is None
     if redo_base:
         _reset(base)
+        galaxy.meta.pop("base_params", None)
+        galaxy.meta.pop("wavelength_shape", None)
         try:
             fit_band(base, config, stages, guess=_guess(galaxy), emit=emit)
+            # the base band's own fit: what the scale fits pin to, whatever happens later
+            galaxy.meta["base_params"] = dict(base.sersic.params)
         except (SphotError, ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:
             _fail(base, exc, emit)
         if checkpoint:
@@ -876,16 +884,40 @@ def run(
             band.flags |= GALAXY_FLAGS.BAND_FAILED
     elif todo:
         base_info = {
-            "params": dict(base.sersic.params),
+            "params": dict(galaxy.meta.get("base_params") or base.sersic.params),
             "sources": (np.array(base.sources.x), np.array(base.sources.y)) if base.sources is not None else (np.zeros(0), np.zeros(0)),
         }
         for f in todo:
             _reset(galaxy.bands[f])
         _scale_bands(galaxy, todo, config, stages, base_info, forced_set, jobs, emit, checkpoint)
+    if config.core.wavelength_shape and base.status == "done" and (redo_base or todo or "wavelength_shape" not in galaxy.meta):
+        _wavelength_shape(galaxy, config, emit)
+        if checkpoint:
+            checkpoint(galaxy)
+    elif not config.core.wavelength_shape and todo and galaxy.meta.pop("wavelength_shape", None) is not None:
+        log.warning(
+            "[core] wavelength_shape is off but this galaxy had it on: the bands not refitted (%s) keep their law shapes",
+            ", ".join(f for f in galaxy.bands if f not in todo) or "none",
+        )
     if photometry or rerun == "photometry":
         _photometry(galaxy, config)
     galaxy.meta["seconds"] = galaxy.meta.get("seconds", 0.0) + (time.perf_counter() - t0)
     return galaxy
+
+
+def _wavelength_shape(galaxy: Galaxy, config, emit) -> None:
+    """``[core] wavelength_shape``: n and r_eff of every band as polynomials of
+    ln(wavelength), fitted jointly (:func:`sphot_core.multiband.fit_wavelength_shape`).
+    A failure is logged and recorded; the bands keep their scale-fit results."""
+    emit({"stage": "wavelength"})
+    try:
+        law = fit_wavelength_shape(galaxy, config)
+    except (SphotError, ValueError, ArithmeticError, np.linalg.LinAlgError) as exc:
+        log.warning("wavelength-dependent shape fit failed: %s; bands keep their scale-fit shapes", exc)
+        galaxy.meta["wavelength_shape"] = {"error": str(exc)}
+        return
+    if law is not None:
+        galaxy.meta["wavelength_shape"] = law
 
 
 def _scale_bands(galaxy, todo, config, stages, base_info, forced_set, jobs, emit, checkpoint) -> None:

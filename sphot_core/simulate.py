@@ -1,8 +1,8 @@
 """Synthetic multi-band galaxy fields with known truth (``sphot simulate``, the demo, tests).
 
 A field holds a Sersic galaxy (one shape, a brightness per band, optionally a small
-per-band centre offset as between HST and JWST mosaics), foreground stars at common
-positions with power-law fluxes and random colours, a tilted sky plane, Gaussian
+per-band offset of the whole band as between HST and JWST mosaics), foreground stars
+at common positions (plus that offset) with power-law fluxes and random colours, a tilted sky plane, Gaussian
 noise and optionally a NaN wedge like a detector edge. PSFs are the given ones (a
 folder or HDF5 file, as for ``sphot run``) or built-in analytic Moffat effective PSFs,
 so nothing has to be supplied.
@@ -206,7 +206,8 @@ def simulate_field(
         img = render_sersic_reference(shape, psf_f, params)
         sigma = sigma_base * 10 ** (-0.2 * colours.get(f, 0.0))
         star_flux = sigma * rel * 10 ** (-0.4 * star_colour * (f != base_filter))
-        img += psf_f.render(shape, xs, ys, star_flux, half=psf_f.half_extent)
+        # a mosaic offset shifts everything in the band: the stars move with the galaxy
+        img += psf_f.render(shape, xs + dx, ys + dy, star_flux, half=psf_f.half_extent)
         sky = {"c0": float(rng.uniform(0.2, 0.8) * 10 * sigma), "cx": float(rng.normal(0, 0.02 * sigma)), "cy": float(rng.normal(0, 0.02 * sigma))}
         img += sky["c0"] + sky["cx"] * (xx - centre) + sky["cy"] * (yy - centre)
         img += rng.normal(0.0, sigma, shape)
@@ -217,6 +218,7 @@ def simulate_field(
             "amplitude": params["amplitude"],
             "x_0": params["x_0"],
             "y_0": params["y_0"],
+            "offset": [float(dx), float(dy)],
             "flux": flux,
             "mag": mag,
             "colour": colours.get(f, 0.0),
