@@ -321,3 +321,47 @@ def test_joint_linear_step_settles_a_scale_band_in_one_iteration(tmp_path):
             assert b.sersic.flux_err > 0
     assert errors[True] < 0.002
     assert errors[True] < errors[False]
+
+
+def test_wavelength_shape_on_a_finished_run(field, config, fitted, tmp_path):
+    """``--resume`` with ``[core] wavelength_shape`` switched on fits the law to the
+    finished bands without refitting them; the simulated galaxy has one shape in every
+    band, so the law is flat and the colours stay right."""
+    galaxy, _ = read_sphot(fitted[1] / "sim_sphot.h5")
+    base = galaxy.meta["base_params"]
+    assert base == galaxy.bands["F150W"].sersic.params
+    cfg = config.with_overrides({"core.wavelength_shape": True})
+    engine.run(galaxy, cfg, resume=True, jobs=1)
+    law = galaxy.meta["wavelength_shape"]
+    truth = field["truth_data"]
+    assert law["n"][0] == pytest.approx(truth["galaxy"]["n"], abs=0.15)
+    assert abs(law["n"][1]) < 0.3 and abs(law["ln_r_eff"][1]) < 0.05
+    assert galaxy.meta["base_params"] == base  # scale fits still pin to the base band's own fit
+    mags = {f: -2.5 * math.log10(b.sersic.flux) for f, b in galaxy.bands.items()}
+    for f, b in galaxy.bands.items():
+        assert b.sersic.optimizer == "wavelength"
+        assert mags[f] - mags["F150W"] == pytest.approx(truth["bands"][f]["colour"], abs=0.03), f
+    # stored and read back; a second resume has nothing left to do
+    write_sphot(galaxy, tmp_path / "law_sphot.h5", cfg.to_toml())
+    again, _ = read_sphot(tmp_path / "law_sphot.h5")
+    assert again.meta["wavelength_shape"] == law
+    engine.run(again, cfg, resume=True, jobs=1)
+    assert again.meta["wavelength_shape"] == law
+
+
+def test_scale_band_is_registered_on_its_stars(config, tmp_path):
+    """A band offset as a whole (mosaic misregistration: galaxy and stars shifted
+    together) is registered on its stars, and its galaxy centre follows."""
+    shift = (0.6, -0.4)
+    paths = simulate_to_file(
+        tmp_path / "off.h5", filters=("F150W", "F277W"), size=101, n_stars=60, seed=7, snr=400.0, offsets={"F277W": shift}
+    )
+    truth = json.loads(paths["truth"].read_text())
+    assert truth["bands"]["F277W"]["offset"] == list(shift)
+    summary = engine.run_file(paths["galaxy"], tmp_path, psf=paths["psf"], config=config, jobs=1)
+    assert summary["status"] == "ok", summary
+    g, _ = read_sphot(tmp_path / "off_sphot.h5")
+    primer = next(h for h in g.bands["F277W"].history if h.get("stage") == "scale-primer")
+    assert primer["offset"] == pytest.approx(shift, abs=0.05)
+    p, base = g.bands["F277W"].sersic.params, g.bands["F150W"].sersic.params
+    assert (p["x_0"] - base["x_0"], p["y_0"] - base["y_0"]) == pytest.approx(shift, abs=0.05)
