@@ -87,7 +87,9 @@ def fit_wavelength_shape(galaxy, config, renderers: Optional[Mapping[str, Any]] 
     Returns the fitted law (recorded by the engine in ``galaxy.meta``), or ``None``
     when there is nothing to do (fewer than two finished bands, or a model without a
     single ``n`` and ``r_eff``). The base band's free-fit parameters must be in
-    ``galaxy.meta["base_params"]``; they are the starting point.
+    ``galaxy.meta["base_params"]`` (else the base band's current ones are used); they
+    are the starting point. ``renderers`` (filter -> :class:`~sphot_core.psf.SersicRenderer`)
+    reuses renderers already built for the bands' PSFs.
     """
     from scipy.optimize import least_squares
 
@@ -137,7 +139,12 @@ def fit_wavelength_shape(galaxy, config, renderers: Optional[Mapping[str, Any]] 
         return np.concatenate([p.residuals(p.encode(shape(c, flt))) for flt, p in problems.items()])
 
     loss_start = float(np.sum(residuals(c0) ** 2))
-    sol = least_squares(residuals, c0, method="trf", x_scale=np.r_[np.ones(deg_n + 1), 0.1 * np.ones(deg_r + 1)], diff_step=1e-4, max_nfev=60, ftol=1e-10, xtol=1e-10, gtol=1e-10)
+    # n in units of 1, ln r_eff in units of 0.1; tolerances tight: the step is cheap
+    # (about 2 s on g095 and g260)
+    scale = np.r_[np.ones(deg_n + 1), 0.1 * np.ones(deg_r + 1)]
+    sol = least_squares(
+        residuals, c0, method="trf", x_scale=scale, diff_step=1e-4, max_nfev=60, ftol=1e-10, xtol=1e-10, gtol=1e-10
+    )
     coef = sol.x
     for b in bands:
         p = problems[b.filter]
