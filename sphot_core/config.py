@@ -600,10 +600,10 @@ class SphotConfig:
         for name, spec in SECTIONS.items():
             values = tree.get(name, {})
             if name == "zeropoints":
-                sections["zeropoints"] = _zeropoints(values, src)
+                sections["zeropoints"] = _number_table("zeropoints", values, src, what="finite number")
                 continue
             if name == "wavelengths":
-                sections["wavelengths"] = _wavelengths(values, src)
+                sections["wavelengths"] = _number_table("wavelengths", values, src, positive=True, what="positive wavelength in micron")
                 continue
             if name == "aperture":
                 sections["aperture"] = _build_section(_aperture_options_class(), values, name, src)
@@ -724,22 +724,13 @@ def _lookup_table(registry, stages: Sequence[str], tname: str, section: str, src
     return found[0]
 
 
-def _zeropoints(values: Mapping[str, Any], src) -> Dict[str, float]:
+def _number_table(section: str, values: Mapping[str, Any], src, *, positive: bool = False, what: str = "number") -> Dict[str, float]:
+    """A ``filter -> number`` table (``[zeropoints]``, ``[wavelengths]``), validated."""
     out = {}
     for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"[zeropoints]{_where(src, ('zeropoints', key))}: {key} must be a finite number, got {value!r}")
-        out[str(key)] = float(value)
-    return out
-
-
-def _wavelengths(values: Mapping[str, Any], src) -> Dict[str, float]:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
-            raise ConfigError(
-                f"[wavelengths]{_where(src, ('wavelengths', key))}: {key} must be a positive wavelength in micron, got {value!r}"
-            )
+        ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+        if not ok or (positive and not value > 0):
+            raise ConfigError(f"[{section}]{_where(src, (section, key))}: {key} must be a {what}, got {value!r}")
         out[str(key)] = float(value)
     return out
 
