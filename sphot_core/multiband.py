@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import numpy as np
 
@@ -80,7 +80,7 @@ def _poly(coef, x: float) -> float:
     return float(sum(c * x**k for k, c in enumerate(coef)))
 
 
-def fit_wavelength_shape(galaxy, config, renderers: Optional[Mapping[str, Any]] = None) -> Optional[Dict[str, Any]]:
+def fit_wavelength_shape(galaxy, config) -> Optional[Dict[str, Any]]:
     """Fit ``n`` and ``ln r_eff`` as polynomials of ln(wavelength) to every finished band
     of ``galaxy`` and replace each band's Sersic result and galaxy model by the fit's.
 
@@ -88,8 +88,7 @@ def fit_wavelength_shape(galaxy, config, renderers: Optional[Mapping[str, Any]] 
     when there is nothing to do (fewer than two finished bands, or a model without a
     single ``n`` and ``r_eff``). The base band's free-fit parameters must be in
     ``galaxy.meta["base_params"]`` (else the base band's current ones are used); they
-    are the starting point. ``renderers`` (filter -> :class:`~sphot_core.psf.SersicRenderer`)
-    reuses renderers already built for the bands' PSFs.
+    are the starting point.
     """
     from scipy.optimize import least_squares
 
@@ -125,7 +124,6 @@ def fit_wavelength_shape(galaxy, config, renderers: Optional[Mapping[str, Any]] 
             loss=f.loss,
             robust_kappa=f.robust_kappa,
             solve_sky=f.solve_sky,
-            renderer=(renderers or {}).get(b.filter),
         )
     start = dict(galaxy.meta.get("base_params") or galaxy.bands[base].sersic.params)
     c0 = np.zeros(deg_n + 1 + deg_r + 1)
