@@ -287,8 +287,9 @@ def run_cmd(galaxies, from_list, psf, out_dir, config_file, sets, fitter, refit,
 @click.option("--stars", "n_stars", type=click.IntRange(min=0), default=150, show_default=True, help="Number of foreground stars.")
 @click.option("--seed", type=int, default=1, show_default=True, help="Random seed.")
 @click.option("--snr", type=click.FloatRange(min=1), default=300.0, show_default=True, help="Galaxy signal-to-noise ratio in the base band.")
+@click.option("--snr-every-band", is_flag=True, help="Give every band the --snr signal-to-noise (default: bands redder than the galaxy are shallower).")
 @click.option("--no-nan-edges", is_flag=True, help="Do not blank the image edges with NaN.")
-def simulate_cmd(output, psf, filters, size, n_stars, seed, snr, no_nan_edges):
+def simulate_cmd(output, psf, filters, size, n_stars, seed, snr, snr_every_band, no_nan_edges):
     """Write a synthetic multi-band galaxy field with known truth (OUTPUT + _truth.json)."""
     from .simulate import simulate_to_file
 
@@ -300,6 +301,7 @@ def simulate_cmd(output, psf, filters, size, n_stars, seed, snr, no_nan_edges):
         n_stars=n_stars,
         seed=seed,
         snr=snr,
+        snr_every_band=snr_every_band,
         nan_edges=not no_nan_edges,
     )
     for p in paths.values():

@@ -134,6 +134,7 @@ def simulate_field(
     n_stars: int = 150,
     seed: int = 1,
     snr: float = 300.0,
+    snr_every_band: bool = False,
     psf=None,
     galaxy: Optional[Mapping[str, float]] = None,
     colours: Optional[Mapping[str, float]] = None,
@@ -148,7 +149,10 @@ def simulate_field(
     """Build a field; returns ``{"images": {filter: array}, "psfs": {...}, "truth": {...}}``.
 
     ``snr``: galaxy signal-to-noise in the base band, defined as the flux within the
-    ellipse of semi-major axis ``2 r_eff`` over ``sigma sqrt(area)``. Star fluxes are in
+    ellipse of semi-major axis ``2 r_eff`` over ``sigma sqrt(area)``. The noise of
+    another band scales as ``10**(-0.2 colour)`` (a redder band is fainter and
+    shallower: S/N ``snr x 10**(-0.2 colour)``), or as ``10**(-0.4 colour)`` with
+    ``snr_every_band`` (every band at S/N ``snr``). Star fluxes are in
     units of that noise sigma times ``star_flux_range`` (power law dN/dF ~ F^-slope).
     ``base_mag``: AB magnitude of the galaxy in the base band (MJy/sr at
     ``pixel_scale``). ``colours``: magnitude minus the base magnitude per filter.
@@ -204,7 +208,7 @@ def simulate_field(
         params = {**unit, "x_0": gal["x_0"] + dx, "y_0": gal["y_0"] + dy, "amplitude": flux / total_unit}
         psf_f = psfs[f]
         img = render_sersic_reference(shape, psf_f, params)
-        sigma = sigma_base * 10 ** (-0.2 * colours.get(f, 0.0))
+        sigma = sigma_base * 10 ** ((-0.4 if snr_every_band else -0.2) * colours.get(f, 0.0))
         star_flux = sigma * rel * 10 ** (-0.4 * star_colour * (f != base_filter))
         # a mosaic offset shifts everything in the band: the stars move with the galaxy
         img += psf_f.render(shape, xs + dx, ys + dy, star_flux, half=psf_f.half_extent)
@@ -223,6 +227,7 @@ def simulate_field(
             "mag": mag,
             "colour": colours.get(f, 0.0),
             "noise_sigma": sigma,
+            "snr": snr * 10 ** ((0.0 if snr_every_band else -0.2) * colours.get(f, 0.0)),
             "sky": sky,
             "psf": psf_f.source,
             "psf_fwhm": psf_f.fwhm,

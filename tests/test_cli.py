@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 
-from sphot_core.simulate import simulate_to_file
+from sphot_core.simulate import DEFAULT_COLOURS, simulate_to_file
 
 DATA = Path(__file__).parent / "plugins" / "data"
 FAST = ["--set", "core.iter_basefit=2", "--set", "core.iter_scalefit=1", "--set", "psf-calib.in_mainloop=false"]
@@ -130,6 +130,13 @@ def test_run_simulate_and_plot(sim, tmp_path):
         assert set(f) == {"F150W", "F444W"} and f["F150W"].shape == (41, 41)
     truth = json.loads((tmp_path / "s_truth.json").read_text())
     assert truth["base_filter"] == "F150W" and len(truth["stars"]["x"]) == 3
+    for flag, f555w in (("--snr-every-band", 80.0), (None, 80.0 * 10 ** (-0.2 * DEFAULT_COLOURS["F555W"]))):
+        args = ("simulate", tmp_path / "e.h5", "--filters", "F150W,F555W", "--size", "41", "--stars", "3", "--snr", "80")
+        code, _, err = sphot(*args, *((flag,) if flag else ()))
+        assert code == 0, err
+        truth = json.loads((tmp_path / "e_truth.json").read_text())
+        assert truth["bands"]["F150W"]["snr"] == 80.0
+        assert truth["bands"]["F555W"]["snr"] == pytest.approx(f555w)
 
 
 # ----------------------------------------------------------------- bad input
