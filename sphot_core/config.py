@@ -149,6 +149,7 @@ class CoreConfig:
     mask_aper_size_in_r_eff: float = attrs.field(default=3.5, validator=_positive)
     joint_linear: bool = False
     joint_linear_sky: bool = False
+    joint_linear_galaxy: bool = True
     wavelength_shape: bool = False
     wavelength_degree_n: int = attrs.field(default=1, validator=_non_negative)
     wavelength_degree_r_eff: int = attrs.field(default=1, validator=_non_negative)

@@ -476,11 +476,13 @@ class _BandLoop:
         Shape and positions stay as the last steps left them; the galaxy model (one
         column: every linear parameter scaled by the same factor) and the stars' stamps
         (and, with ``joint_linear_sky``, a sky correction) are solved together,
-        non-negatively, on ``data - sky``. Alternating the two steps reaches the same
-        solution only slowly where they overlap (each step hands the other the light it
-        cannot yet tell apart). Sources whose flux goes to
-        zero are dropped; the galaxy's flux error becomes the larger of the Sersic fit's
-        and the joint solve's (which includes the covariance with the stars). With
+        non-negatively, on ``data - sky``. With ``joint_linear_galaxy = false`` the
+        galaxy is held fixed (the solve is on ``data - galaxy - sky``) and only the stars
+        and the sky correction are solved together. Alternating the steps reaches the
+        same solution only slowly where they overlap (each step hands the other the
+        light it cannot yet tell apart). Sources whose flux goes to zero are dropped;
+        the galaxy's flux error becomes the larger of the Sersic fit's and the joint
+        solve's (which includes the covariance with the stars). With
         ``positions_fitted`` (the positions were fitted on this image: base band) the
         star fluxes get the refit's position-bias correction, if it is configured.
         """
@@ -494,22 +496,31 @@ class _BandLoop:
         opts = getattr(self.st.refit, "options", None)
         stamp = opts if isinstance(opts, ph.StampOptions) else ph.StampOptions()
         core = ph.fit_half_size(b.psf, stamp.fit_box_fwhm)
-        image = b.residual(galaxy=False, stars=False)
+        with_galaxy = self.cfg.core.joint_linear_galaxy
+        image = b.residual(galaxy=not with_galaxy, stars=False)
         system = ph.PixelSystem.build(image, b.noise, ph.usable_pixels(image, b.mask))
         sky_terms = self._sky_terms()
+        extra = list(sky_terms)
+        signed = [True] * len(sky_terms)
+        if with_galaxy:
+            extra, signed = [b.galaxy_model] + extra, [False] + signed
         sol = ph.solve_fluxes(
             system, b.psf, src.x, src.y, src.flux, tolerance=stamp.stamp_tolerance, minimum_half=core, wings=True,
-            extra=np.concatenate([b.galaxy_model[None], sky_terms]), extra_signed=[False] + [True] * len(sky_terms),
+            extra=np.array(extra) if extra else None, extra_signed=signed,
         )
-        scale = float(sol.extra_flux[0])
-        if not (scale > 0 and math.isfinite(scale)):
-            self._timed("joint", t0)
-            return  # no galaxy left in the joint solve: the Sersic step will say so
+        n_gal = int(with_galaxy)
+        if with_galaxy:
+            scale = float(sol.extra_flux[0])
+            if not (scale > 0 and math.isfinite(scale)):
+                self._timed("joint", t0)
+                return  # no galaxy left in the joint solve: the Sersic step will say so
+            scale_err = float(sol.extra_errors()[0])
+            galaxy = scale * b.galaxy_model
+        else:
+            galaxy = np.zeros(b.shape)
         keep = sol.flux > 0
         flux_err = sol.flux_errors()
-        scale_err = float(sol.extra_errors()[0])
-        galaxy = scale * b.galaxy_model
-        sky_change = np.tensordot(sol.extra_flux[1:], sky_terms, axes=1) if len(sky_terms) else 0.0
+        sky_change = np.tensordot(sol.extra_flux[n_gal:], sky_terms, axes=1) if len(sky_terms) else 0.0
         b.sky_model = b.component("sky") + sky_change
         stars_image = image - galaxy - sky_change
         res = ph.finalize(
@@ -520,8 +531,9 @@ class _BandLoop:
         )
         b.sources = res.sources
         b.star_model = res.model
-        b.galaxy_model = galaxy
-        b.sersic = _scaled(b.sersic, scale, scale_err)
+        if with_galaxy:
+            b.galaxy_model = galaxy
+            b.sersic = _scaled(b.sersic, scale, scale_err)
         self._timed("joint", t0)
 
     def _sky_terms(self) -> np.ndarray:

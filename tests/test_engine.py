@@ -323,6 +323,45 @@ def test_joint_linear_step_settles_a_scale_band_in_one_iteration(tmp_path):
     assert errors[True] < errors[False]
 
 
+def test_joint_step_with_the_galaxy_held_fixed(config):
+    """``joint_linear_galaxy = false``: star fluxes and the sky correction are solved
+    together on ``data - galaxy``; the galaxy model and its fit are left as they are."""
+    from sphot_core.data import SourceTable
+    from sphot_core.stages import SersicResult
+    from sphot_core.testing import _gaussian_psf
+
+    psf = _gaussian_psf(2.5)
+    shape = (64, 64)
+    yy, xx = np.mgrid[0:64, 0:64].astype(float)
+    galaxy = 40.0 * np.exp(-np.hypot(xx - 31.6, yy - 32.3) / 5.0)
+    x, y = np.array([29.0, 37.4, 12.2, 50.1]), np.array([35.0, 28.6, 48.9, 14.3])
+    flux = np.array([300.0, 120.0, 80.0, 500.0])
+    sky = 3.0 + 0.01 * (xx - 31.5) - 0.02 * (yy - 31.5)
+    data = galaxy + psf.render(shape, x, y, flux, half=psf.half_extent) + sky
+    band = Band("F150W", data, psf, noise=np.ones(shape))
+    # a model that is off: the sky 0.8 too high and the stars at half their flux
+    band.galaxy_model = galaxy.copy()
+    band.sky_model = sky + 0.8
+    band.sources = SourceTable.from_columns(x, y, 0.5 * flux)
+    fit = SersicResult(params={"amplitude": 1.0}, errors={}, names=(), covariance=None, flux=123.0, flux_err=1.0,
+                       loss=0.0, chi2=0.0, dof=1, success=True, message="", nfev=0)
+    band.sersic = fit
+    cfg = config.with_overrides({"core.joint_linear": True, "core.joint_linear_sky": True, "core.joint_linear_galaxy": False})
+    loop = engine._BandLoop(band, cfg, engine.Stages.from_config(cfg), lambda event: None, "sersic")
+    loop.joint(positions_fitted=False)
+    assert band.sersic is fit
+    np.testing.assert_array_equal(band.galaxy_model, galaxy)
+    order = np.argsort(band.sources.x)
+    np.testing.assert_allclose(band.sources.flux[order], flux[np.argsort(x)], rtol=1e-3)
+    np.testing.assert_allclose(band.sky_model, sky, atol=1e-3)
+    # with the galaxy in the solve, its brightness is re-scaled (here: kept at 1)
+    band.sky_model, band.sources = sky + 0.8, SourceTable.from_columns(x, y, 0.5 * flux)
+    cfg = cfg.with_overrides({"core.joint_linear_galaxy": True})
+    engine._BandLoop(band, cfg, engine.Stages.from_config(cfg), lambda event: None, "sersic").joint(positions_fitted=False)
+    assert band.sersic is not fit and band.sersic.flux == pytest.approx(123.0, rel=1e-3)
+    np.testing.assert_allclose(band.sky_model, sky, atol=1e-3)
+
+
 def test_wavelength_shape_on_a_finished_run(field, config, fitted, tmp_path):
     """``--resume`` with ``[core] wavelength_shape`` switched on fits the law to the
     finished bands without refitting them; the simulated galaxy has one shape in every
