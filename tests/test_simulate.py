@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sphot_core.sersic import sersic_bn
-from sphot_core.simulate import DEFAULT_COLOURS, DEFAULT_GALAXY, render_sersic_reference, simulate_field
+from sphot_core.simulate import DEFAULT_COLOURS, render_sersic_reference, simulate_field
 
 FILTERS = ("F555W", "F150W", "F277W")
 
@@ -54,4 +54,3 @@ def test_star_fluxes_follow_the_band_noise():
     for band in FILTERS:
         ta, tb = a["truth"]["bands"][band], b["truth"]["bands"][band]
         np.testing.assert_allclose(np.array(ta["star_flux"]) / ta["noise_sigma"], np.array(tb["star_flux"]) / tb["noise_sigma"], rtol=1e-12)
-    assert a["truth"]["galaxy"]["r_eff"] == DEFAULT_GALAXY["r_eff"]
