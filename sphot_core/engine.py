@@ -517,7 +517,7 @@ class _BandLoop:
             scale_err = float(sol.extra_errors()[0])
             galaxy = scale * b.galaxy_model
         else:
-            galaxy = np.zeros(b.shape)
+            galaxy = 0.0  # already subtracted from the image
         keep = sol.flux > 0
         flux_err = sol.flux_errors()
         sky_change = np.tensordot(sol.extra_flux[n_gal:], sky_terms, axes=1) if len(sky_terms) else 0.0

@@ -27,7 +27,7 @@ from scipy import fft as sfft
 from .errors import InputError
 from .io import atomic_path, ensure_output_dir, read_psfs, zeropoint_mjy_per_sr
 from .psf import PSFModel
-from .sersic import sersic_bn, sersic_total_flux
+from .sersic import sersic_bn, sersic_enclosed_fraction, sersic_total_flux
 
 __all__ = [
     "analytic_psf",
@@ -189,9 +189,7 @@ def simulate_field(
     base_flux = 10 ** (-0.4 * (base_mag - zp))
     unit = {**gal, "amplitude": 1.0}
     total_unit = sersic_total_flux(1.0, gal["r_eff"], gal["n"], gal["ellip"])
-    from scipy.special import gammainc
-
-    inside_2re = gammainc(2 * gal["n"], sersic_bn(gal["n"]) * 2.0 ** (1.0 / gal["n"]))
+    inside_2re = float(sersic_enclosed_fraction(2.0 * gal["r_eff"], gal["r_eff"], gal["n"]))
     area = np.pi * (2 * gal["r_eff"]) ** 2 * (1 - gal["ellip"])
     sigma_base = base_flux * inside_2re / (snr * np.sqrt(area))
     images: Dict[str, np.ndarray] = {}
@@ -202,13 +200,15 @@ def simulate_field(
         # a slanted strip along the top edge and a corner triangle, like mosaic edges
         nan_mask = (yy > 0.88 * size + 0.06 * (xx - centre)) | (xx + yy < 0.12 * size)
     for f in filters:
-        mag = base_mag + colours.get(f, 0.0)
+        colour = colours.get(f, 0.0)
+        mag = base_mag + colour
         flux = 10 ** (-0.4 * (mag - zp))
         dx, dy = offsets.get(f, (0.0, 0.0))
         params = {**unit, "x_0": gal["x_0"] + dx, "y_0": gal["y_0"] + dy, "amplitude": flux / total_unit}
         psf_f = psfs[f]
         img = render_sersic_reference(shape, psf_f, params)
-        sigma = sigma_base * 10 ** ((-0.4 if snr_every_band else -0.2) * colours.get(f, 0.0))
+        band_snr = snr if snr_every_band else snr * 10 ** (-0.2 * colour)
+        sigma = sigma_base * 10 ** (-0.4 * colour) * snr / band_snr  # flux scales as 10**(-0.4 colour)
         star_flux = sigma * rel * 10 ** (-0.4 * star_colour * (f != base_filter))
         # a mosaic offset shifts everything in the band: the stars move with the galaxy
         img += psf_f.render(shape, xs + dx, ys + dy, star_flux, half=psf_f.half_extent)
@@ -225,9 +225,9 @@ def simulate_field(
             "offset": [float(dx), float(dy)],
             "flux": flux,
             "mag": mag,
-            "colour": colours.get(f, 0.0),
+            "colour": colour,
             "noise_sigma": sigma,
-            "snr": snr * 10 ** ((0.0 if snr_every_band else -0.2) * colours.get(f, 0.0)),
+            "snr": band_snr,
             "sky": sky,
             "psf": psf_f.source,
             "psf_fwhm": psf_f.fwhm,
