@@ -433,19 +433,28 @@ class PSFModel:
         t0x = np.floor(tx).astype(int)
         wy = bspline_weights(ty - t0y)
         wx = bspline_weights(tx - t0x)
-        k = np.arange(-half, half + 1) * os_
         n = x.size
-        out = np.zeros((n, 2 * half + 1, 2 * half + 1))
+        size = 2 * half + 1
+        # flat index of each stamp pixel's first spline coefficient; the 4 x 4
+        # coefficients around it are the same index shifted by (a W + b) in the flat
+        # array, so each of the 16 terms is one `take` from a shifted view
+        width = coef.shape[1]
+        k = np.arange(-half, half + 1) * os_
+        base = ((t0y - 1) * width + (t0x - 1))[:, None] + (k[:, None] * width + k[None, :]).ravel()[None, :]
+        flat = coef.ravel()
+        out = np.zeros((n, size * size))
+        term = np.empty_like(out)
         norm = np.zeros(n)
         for a in range(4):
-            rows = (t0y + a - 1)[:, None] + k[None, :]
             for b in range(4):
-                cols = (t0x + b - 1)[:, None] + k[None, :]
                 w = wy[:, a] * wx[:, b]
-                out += w[:, None, None] * coef[rows[:, :, None], cols[:, None, :]]
+                np.take(flat[a * width + b :], base, out=term)
+                term *= w[:, None]
+                out += term
                 norm += w * phase_sums[
                     (t0y + a - 1 - self.origin[0] - pad) % os_, (t0x + b - 1 - self.origin[1] - pad) % os_
                 ]
+        out = out.reshape(n, size, size)
         out /= norm[:, None, None]
         return out, ix, iy
 

@@ -162,6 +162,30 @@ def test_point_source_lands_with_the_origin_at_xy(load_psf, flt):
         assert abs(fit.x[1] - x) < 0.01 and abs(fit.x[2] - y) < 0.01, (flt, x, y, fit.x)
 
 
+def test_stamps_are_the_cubic_spline_of_the_oversampled_psf():
+    """Every stamp pixel is the cubic B-spline interpolant of the oversampled array at
+    that pixel's offset from the source (checked against scipy's map_coordinates), for
+    a lopsided PSF so that a transposed or shifted index would show."""
+    from scipy import ndimage
+
+    yy, xx = np.mgrid[:45, :45].astype(float)
+    arr = np.exp(-0.5 * (((xx - 22) / 3.0) ** 2 + ((yy - 22) / 6.0) ** 2)) * (1 + 0.3 * (xx > 24))
+    psf = PSFModel.from_array(arr, 4)
+    half = psf.half_extent + 2
+    pad = np.pad(arr, 4 * half + 8)
+    o = np.array(psf.origin) + 4 * half + 8
+    x = np.array([7.0, 12.3, 5.49, 20.77])
+    y = np.array([9.0, 4.6, 15.12, 11.51])
+    vals, ix, iy = psf.stamps(x, y, half)
+    k = np.arange(-half, half + 1)
+    for s in range(x.size):
+        ry = o[0] + (iy[s] + k[:, None] - y[s]) * 4 + 0 * k[None, :]
+        rx = o[1] + (ix[s] + k[None, :] - x[s]) * 4 + 0 * k[:, None]
+        ref = ndimage.map_coordinates(pad, [ry, rx], order=3, mode="constant")
+        # equal up to the normalisation (stamps: unit sum of the untruncated PSF)
+        assert np.allclose(vals[s] / vals[s].sum(), ref / ref.sum(), rtol=0, atol=1e-12), s
+
+
 def test_add_stamps_clips_at_the_edges():
     psf = PSFModel.from_array(gaussian(41, 4.0), 4)
     img = np.zeros((20, 20))
