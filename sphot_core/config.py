@@ -147,8 +147,8 @@ class CoreConfig:
     forced_filters: Tuple[str, ...] = attrs.field(default=(), converter=_str_list)
     residual_clip_sigma: float = attrs.field(default=15.0, validator=_positive)
     mask_aper_size_in_r_eff: float = attrs.field(default=3.5, validator=_positive)
-    joint_linear: bool = False
-    joint_linear_sky: bool = False
+    joint_linear: bool = True
+    joint_linear_sky: bool = True
     joint_linear_galaxy: bool = True
     wavelength_shape: bool = False
     wavelength_degree_n: int = attrs.field(default=1, validator=_non_negative)
@@ -182,6 +182,7 @@ class PSFConfig:
     redetect_each_iteration: bool = False
     scale_band_sources: str = attrs.field(default="base", validator=_one_of("base", "detect"))
     galaxy_footprint_r_eff: float = attrs.field(default=2.0, validator=_non_negative)
+    scale_leftovers_r_eff: float = attrs.field(default=2.0, validator=_non_negative)
     extended_spread_epsilon: float = attrs.field(default=0.005, validator=_non_negative)
     extended_spread_kappa: float = attrs.field(default=4.0, validator=_non_negative)
 

@@ -371,7 +371,7 @@ class _BandLoop:
         if positions is not None:
             res = self.st.forced_fitter.fit(image, b.noise, b.psf, exclude=exclude, positions=positions)
         elif self.seed_for is not None:
-            res = self.st.refit.refit(image, b.noise, b.psf, self._seeded(warm), exclude=exclude)
+            res = self.st.refit.refit(image, b.noise, b.psf, self._seeded(warm), exclude=self._leftover_exclude(exclude))
         elif warm and b.sources is not None and len(b.sources) > 0 and not self.cfg.psf.redetect_each_iteration:
             res = self.st.refit.refit(image, b.noise, b.psf, b.sources, exclude=exclude)
         else:
@@ -381,6 +381,16 @@ class _BandLoop:
         if positions is None:
             self.return_substructure(image, exclude)
         self._timed("stars", t0)
+
+    def _leftover_exclude(self, exclude):
+        """Where a seeded scale band may not add sources of its own: the centre disc and,
+        with ``[psf] scale_leftovers_r_eff``, the galaxy ellipse of that many r_eff (the
+        stars there come from the sharper base band; new peaks there are mostly galaxy
+        structure the pinned model misses)."""
+        inner = self._galaxy_ellipse(self.cfg.psf.scale_leftovers_r_eff)
+        if inner is None:
+            return exclude
+        return inner if exclude is None else (exclude | inner)
 
     def return_substructure(self, image, exclude) -> None:
         """Resolved sources inside the galaxy footprint are galaxy substructure.
@@ -515,6 +525,7 @@ class _BandLoop:
                 self._timed("joint", t0)
                 return  # no galaxy left in the joint solve: the Sersic step will say so
             scale_err = float(sol.extra_errors()[0])
+            log.debug("band %s: joint solve scales the galaxy by %.4f +- %.4f", b.filter, scale, scale_err)
             galaxy = scale * b.galaxy_model
         else:
             galaxy = 0.0  # already subtracted from the image

@@ -362,6 +362,42 @@ def test_joint_step_with_the_galaxy_held_fixed(config):
     np.testing.assert_allclose(band.sky_model, sky, atol=1e-3)
 
 
+def test_scale_band_adds_no_source_of_its_own_on_the_galaxy(config):
+    """``[psf] scale_leftovers_r_eff``: a scale band seeded with the base band's stars
+    adds its own leftover sources outside the galaxy ellipse of that many r_eff, not
+    inside it (a compact clump the pinned model misses stays galaxy light); with 0 it
+    adds both."""
+    from sphot_core.stages import SersicResult
+    from sphot_core.testing import _gaussian_psf
+
+    psf = _gaussian_psf(2.5)
+    shape = (64, 64)
+    yy, xx = np.mgrid[0:64, 0:64].astype(float)
+    galaxy = 40.0 * np.exp(-np.hypot(xx - 31.6, yy - 32.3) / 5.0)  # r_eff = 8.4 px
+    seeds = (np.array([20.0, 45.3]), np.array([44.0, 20.6]))
+    clump, star = (38.1, 36.9), (55.2, 9.7)  # 7.9 px and 32.3 px from the centre
+    x = np.r_[seeds[0], clump[0], star[0]]
+    y = np.r_[seeds[1], clump[1], star[1]]
+    data = galaxy + psf.render(shape, x, y, np.array([300.0, 200.0, 150.0, 150.0]), half=psf.half_extent)
+    params = {"x_0": 31.6, "y_0": 32.3, "amplitude": 1.0, "r_eff": 8.4, "n": 1.0, "ellip": 0.0, "theta": 0.0}
+    found = {}
+    for r_eff_factor in (2.0, 0.0):
+        band = Band("F160W", data, psf, noise=np.ones(shape))
+        band.galaxy_model = galaxy.copy()
+        band.sky_model = np.zeros(shape)
+        band.sersic = SersicResult(params=params, errors={}, names=(), covariance=None, flux=1.0, flux_err=1.0,
+                                   loss=0.0, chi2=0.0, dof=1, success=True, message="", nfev=0)
+        cfg = config.with_overrides({"psf.scale_leftovers_r_eff": r_eff_factor, "psf.galaxy_footprint_r_eff": 0.0})
+        loop = engine._BandLoop(band, cfg, engine.Stages.from_config(cfg), lambda event: None, "sersic")
+        loop.seed_for = lambda: seeds
+        loop.stars(warm=False)
+        src = band.sources
+        found[r_eff_factor] = [bool(np.any(np.hypot(src.x - px, src.y - py) < 1.0)) for px, py in (clump, star)]
+        assert all(np.any(np.hypot(src.x - sx, src.y - sy) < 0.1) for sx, sy in zip(*seeds)), r_eff_factor
+    assert found[2.0] == [False, True]
+    assert found[0.0] == [True, True]
+
+
 def test_wavelength_shape_on_a_finished_run(field, config, fitted, tmp_path):
     """``--resume`` with ``[core] wavelength_shape`` switched on fits the law to the
     finished bands without refitting them; the simulated galaxy has one shape in every
