@@ -177,10 +177,10 @@ def test_stamps_are_the_cubic_spline_of_the_oversampled_psf():
     x = np.array([7.0, 12.3, 5.49, 20.77])
     y = np.array([9.0, 4.6, 15.12, 11.51])
     vals, ix, iy = psf.stamps(x, y, half)
-    k = np.arange(-half, half + 1)
+    dy, dx = np.meshgrid(np.arange(-half, half + 1), np.arange(-half, half + 1), indexing="ij")
     for s in range(x.size):
-        ry = o[0] + (iy[s] + k[:, None] - y[s]) * 4 + 0 * k[None, :]
-        rx = o[1] + (ix[s] + k[None, :] - x[s]) * 4 + 0 * k[:, None]
+        ry = o[0] + (iy[s] + dy - y[s]) * 4
+        rx = o[1] + (ix[s] + dx - x[s]) * 4
         ref = ndimage.map_coordinates(pad, [ry, rx], order=3, mode="constant")
         # equal up to the normalisation (stamps: unit sum of the untruncated PSF)
         assert np.allclose(vals[s] / vals[s].sum(), ref / ref.sum(), rtol=0, atol=1e-12), s
