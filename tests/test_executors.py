@@ -119,6 +119,26 @@ def test_serial_runs_everything_but_crashes(tmp_path):
     _check_details(outcomes, tmp_path)
 
 
+def _blas_threads(_job):
+    from threadpoolctl import threadpool_info
+
+    return sorted({info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"})
+
+
+def test_serial_runs_jobs_with_the_workers_blas_threads():
+    """Jobs of the serial executor see BLAS limited like a worker's (default 1 thread),
+    so that every executor gives the same catalogues; 0 leaves the library default."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(limits=2, user_api="blas"):
+        outside = _blas_threads(None)
+        (inside,) = [o.result for o in executors.SerialExecutor().run(_blas_threads, [0])]
+        (untouched,) = [o.result for o in executors.SerialExecutor(executors.SerialOptions(blas_threads=0)).run(_blas_threads, [0])]
+        assert _blas_threads(None) == outside  # restored after the job
+    assert inside == [1]
+    assert untouched == outside
+
+
 def test_serial_without_main_thread_runs_without_limit(tmp_path, caplog):
     box = {}
 
