@@ -93,6 +93,14 @@ def _one_of(*choices):
     return check
 
 
+def _at_least(minimum):
+    def check(instance, attribute, value):
+        if not value >= minimum:
+            raise ValueError(f"{attribute.name} must be >= {minimum}, got {value!r}")
+
+    return check
+
+
 def _fraction(instance, attribute, value):
     if not 0 < value <= 1:
         raise ValueError(f"{attribute.name} must be in (0, 1], got {value!r}")
@@ -126,6 +134,7 @@ class PrepConfig:
     custom_initial_crop: float = attrs.field(default=1.0, validator=_fraction)
     auto_crop: bool = True
     auto_crop_factor: float = attrs.field(default=8.0, validator=_positive)
+    auto_crop_min_size: int = attrs.field(default=161, validator=_at_least(31))
 
 
 @attrs.frozen

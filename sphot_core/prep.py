@@ -22,7 +22,7 @@ __all__ = ["GalaxyGuess", "guess_galaxy", "crop", "initial_crop", "auto_crop", "
 
 log = logging.getLogger(__name__)
 
-#: smallest auto-crop side (pixels)
+#: smallest allowed ``auto_crop_min_size`` (pixels)
 MIN_CROP = 31
 
 
@@ -185,10 +185,11 @@ def initial_crop(galaxy: Galaxy, fraction: float) -> Galaxy:
     return crop(galaxy, max(0, cx - hx), max(0, cy - hy), min(nx, cx + hx + 1), min(ny, cy + hy + 1))
 
 
-def auto_crop(galaxy: Galaxy, guess: GalaxyGuess, factor: float) -> Tuple[Galaxy, GalaxyGuess]:
-    """Crop to +- ``factor`` x size around the guessed centre (clipped to the image)."""
+def auto_crop(galaxy: Galaxy, guess: GalaxyGuess, factor: float, min_size: int = MIN_CROP) -> Tuple[Galaxy, GalaxyGuess]:
+    """Crop to +- ``factor`` x size around the guessed centre, but to a side of at least
+    ``min_size`` pixels (clipped to the image)."""
     ny, nx = galaxy.shape
-    half = max(int(np.ceil(factor * guess.size)), MIN_CROP // 2)
+    half = max(int(np.ceil(factor * guess.size)), max(int(min_size), MIN_CROP) // 2)
     cx, cy = int(round(guess.x)), int(round(guess.y))
     x0, x1 = max(0, cx - half), min(nx, cx + half + 1)
     y0, y1 = max(0, cy - half), min(ny, cy + half + 1)
@@ -208,7 +209,7 @@ def prepare(galaxy: Galaxy, config) -> Tuple[Galaxy, GalaxyGuess]:
     base = g.bands[g.base_filter]
     guess = guess_galaxy(base.data, base.mask, psf_fwhm=base.psf.fwhm)
     if prep.auto_crop:
-        g, guess = auto_crop(g, guess, prep.auto_crop_factor)
+        g, guess = auto_crop(g, guess, prep.auto_crop_factor, prep.auto_crop_min_size)
     for flt, band in g.bands.items():
         if not np.isfinite(band.data).any():
             raise DegenerateCutoutError(f"band {flt} has no finite pixels inside the crop")

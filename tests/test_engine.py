@@ -30,7 +30,9 @@ def field(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def config():
-    return load_config(use_user_config=False)
+    # a minimum crop below the 101 px field keeps the auto-crop (and its undoing in
+    # every output coordinate) in play
+    return load_config(use_user_config=False).with_overrides({"prep.auto_crop_min_size": 31})
 
 
 @pytest.fixture(scope="module")
@@ -89,6 +91,7 @@ def test_stars_and_sky_are_recovered(field, fitted):
     truth = field["truth_data"]
     galaxy, _ = read_sphot(out / "sim_sphot.h5")
     dx, dy = galaxy.crop_offset
+    assert dx > 0 and dy > 0  # the field was cropped
     band = galaxy.bands["F150W"]
     tx = np.array(truth["stars"]["x"]) - dx
     ty = np.array(truth["stars"]["y"]) - dy
