@@ -12,7 +12,9 @@ told from it).
 the noise of the other bands scales as ``10**(-0.2 colour)``, so the red galaxy is at
 S/N 60 in F555W and 99 in F814W; ``--snr-every-band`` puts every band at ``--snr``
 (the issue's "S/N > 100" in each band of a colour). The ``sig`` row is the median
-quoted 1-sigma colour error, the noise floor the errors should be compared with.
+quoted 1-sigma colour error (the two bands' ``mag_err_colour`` in quadrature), the
+noise floor the errors should be compared with; the last line gives the RMS of
+(colour error / quoted error) over every colour of every field.
 
 Usage::
 
@@ -51,7 +53,9 @@ def one(seed: int, snr: float, free: float, work: Path, jobs: int, overrides=Non
     summary = run_file(paths["galaxy"], work / f"out{seed}", psf=PSF_DIR, config=load_config(use_user_config=False).with_overrides(overrides or {}), jobs=jobs)
     seconds = time.perf_counter() - t0
     galaxy, _ = read_sphot(summary["outputs"]["sphot"])
-    mags = {f: magnitude(b.sersic.flux, b.sersic.flux_err, b.zeropoint) for f, b in galaxy.bands.items()}
+    # the colour error combines the fixed-shape errors (the galaxy CSV's mag_err_colour):
+    # the base shape's own uncertainty is common to every band and cancels in colours
+    mags = {f: magnitude(b.sersic.flux, b.sersic.flux_err_fixed_shape, b.zeropoint) for f, b in galaxy.bands.items()}
     base = mags["F150W"]
     colour_err = {f: (mags[f][0] - base[0]) - truth["bands"][f]["colour"] for f in FILTERS if f != "F150W"}
     sigma = {f: float(np.hypot(mags[f][1], base[1])) for f in colour_err}
@@ -81,17 +85,19 @@ def main():
         depth = "in every band" if args.snr_every_band else "in F150W, 10**(-0.2 colour) of it elsewhere"
         print(f"\n== S/N {args.snr:g} {depth}, 500 stars, {label}")
         print(f"{'seed':>4} " + " ".join(f"{c:>8}" for c in cols) + f" {'F150W mag':>9} {'seconds':>7}")
-        worst, sigmas = [], []
+        worst, sigmas, pulls = [], [], []
         with tempfile.TemporaryDirectory() as tmp:
             for seed in args.seeds:
                 err, sig, dmag, sec = one(seed, args.snr, free, Path(tmp), args.jobs, overrides, args.snr_every_band)
                 worst.append(max(abs(v) for v in err.values()))
                 sigmas.append([sig[c] for c in cols])
+                pulls += [err[c] / sig[c] for c in cols]
                 print(f"{seed:>4} " + " ".join(f"{err[c]:+8.4f}" for c in cols) + f" {dmag:+9.4f} {sec:7.1f}", flush=True)
         worst = np.array(worst)
         print(f"{'sig':>4} " + " ".join(f"{v:8.4f}" for v in np.median(sigmas, axis=0)) + "   (median quoted 1-sigma colour error)")
         print(f"fields with every colour within 0.02 mag: {np.sum(worst <= 0.02)}/{worst.size}; "
               f"median worst colour error {np.median(worst):.4f} mag")
+        print(f"RMS of colour error / quoted error: {np.sqrt(np.mean(np.square(pulls))):.2f} ({len(pulls)} colours)")
 
 
 if __name__ == "__main__":

@@ -643,8 +643,9 @@ class _BandLoop:
 def _scaled(result, scale: float, scale_err: float):
     """``result`` with every linear parameter (and the flux) multiplied by ``scale``.
 
-    ``scale_err`` is the 1-sigma error of ``scale`` from a joint solve; the flux error
-    becomes the larger of the scaled Sersic error and ``scale_err x flux``.
+    ``scale_err`` is the 1-sigma error of ``scale`` from a joint solve (at a fixed
+    shape); the flux error and the fixed-shape flux error each become the larger of
+    their scaled Sersic value and ``scale_err x flux``.
     """
     from .sersic import model_spec
 
@@ -656,9 +657,14 @@ def _scaled(result, scale: float, scale_err: float):
         factor = np.array([scale if n in linear else 1.0 for n in result.names])
         cov = cov * np.outer(factor, factor)
     flux_err = result.flux_err * scale
+    fixed = result.flux_err_fixed_shape * scale
     if math.isfinite(scale_err):
-        flux_err = max(flux_err, scale_err * result.flux) if math.isfinite(flux_err) else scale_err * result.flux
-    return attrs.evolve(result, params=params, errors=errors, covariance=cov, flux=result.flux * scale, flux_err=flux_err)
+        joint = scale_err * result.flux
+        flux_err = max(flux_err, joint) if math.isfinite(flux_err) else joint
+        fixed = max(fixed, joint) if math.isfinite(fixed) else joint
+    return attrs.evolve(
+        result, params=params, errors=errors, covariance=cov, flux=result.flux * scale, flux_err=flux_err, flux_err_fixed_shape=fixed
+    )
 
 
 def _model_name(config) -> str:

@@ -56,7 +56,7 @@ log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 
-#: NAME_galaxy.csv columns, in order (INTERFACE.md)
+#: NAME_galaxy.csv columns, in order (INTERFACE.md, then the colour error)
 GALAXY_COLUMNS = (
     "filter",
     "x_0",
@@ -75,6 +75,7 @@ GALAXY_COLUMNS = (
     "n_sources",
     "converged",
     "flags",
+    "mag_err_colour",
 )
 #: NAME_sources.csv columns, in order (INTERFACE.md, then star/galaxy separation)
 SOURCE_COLUMNS = ("filter", "id", "x", "y", "flux", "flux_err", "flags", "spread_model", "spread_model_err")
@@ -441,7 +442,7 @@ def _write_sersic(group, res: SersicResult) -> None:
     g.attrs["params"] = _json(res.params)
     g.attrs["errors"] = _json(res.errors)
     g.attrs["names"] = _json(list(res.names))
-    for key in ("flux", "flux_err", "loss", "chi2", "dof", "success", "message", "nfev", "flags", "sky_offset", "optimizer", "model"):
+    for key in ("flux", "flux_err", "loss", "chi2", "dof", "success", "message", "nfev", "flags", "sky_offset", "optimizer", "model", "flux_err_fixed_shape"):
         g.attrs[key] = getattr(res, key)
     if res.covariance is not None:
         g.create_dataset("covariance", data=np.asarray(res.covariance, dtype=float))
@@ -467,6 +468,7 @@ def _read_sersic(g) -> SersicResult:
         sky_offset=float(a["sky_offset"]),
         optimizer=str(a["optimizer"]),
         model=str(a["model"]),
+        flux_err_fixed_shape=float(a.get("flux_err_fixed_shape", np.nan)),  # absent in files of 0.x before it
     )
 
 
@@ -655,6 +657,7 @@ def galaxy_rows(galaxy: Galaxy) -> List[Dict[str, Any]]:
                 flux_err=res.flux_err,
             )
             row["mag"], row["mag_err"] = magnitude(res.flux, res.flux_err, band.zeropoint)
+            row["mag_err_colour"] = magnitude(res.flux, res.flux_err_fixed_shape, band.zeropoint)[1]
             row["sky"] = float(np.mean(band.sky_model[band.valid])) if band.sky_model is not None and band.valid.any() else 0.0
             row["chi2_dof"] = band.reduced_chi2(_n_params(band))
             row["n_sources"] = len(band.sources) if band.sources is not None else 0

@@ -629,6 +629,7 @@ class SersicProblem:
         else:
             errors.update({n: float(math.sqrt(max(cov[i, i], 0.0))) for i, n in enumerate(names)})
         flux, flux_err = self._flux(params, names, cov)
+        flux_err_fixed = self._flux_err_fixed_shape(params, names, cov)
         # a NaN error (singular covariance) says nothing about the signal
         if not flux > 0 or (np.isfinite(flux_err) and flux_err >= flux):
             flags |= GALAXY_FLAGS.NO_SIGNAL
@@ -656,6 +657,7 @@ class SersicProblem:
             sky_offset=float(sky),
             optimizer=optimizer,
             model=self.spec.name,
+            flux_err_fixed_shape=float(flux_err_fixed),
         )
 
     def _failed_result(self, q, flags, notes, nfev, optimizer) -> SersicResult:
@@ -800,6 +802,31 @@ class SersicProblem:
         flux = self.spec.total_flux(params)
         if cov is None:
             return flux, float("nan")
+        grad = self._flux_gradient(params, names)
+        var = float(grad @ cov @ grad)
+        return flux, math.sqrt(var) if var >= 0 and np.isfinite(var) else float("nan")
+
+    def _flux_err_fixed_shape(self, params, names, cov) -> float:
+        """Flux error with the shape held fixed: the covariance of the linear parameters
+        given the shape, ``C_ll - C_ls C_ss^-1 C_sl`` (the inverse of the linear block
+        of ``J^T J``)."""
+        lin = [i for i, n in enumerate(names) if n in self.linear_names]
+        if cov is None or not lin:
+            return float("nan")
+        shape = [i for i in range(len(names)) if i not in lin]
+        c_ll = cov[np.ix_(lin, lin)]
+        if shape:
+            c_ls = cov[np.ix_(lin, shape)]
+            try:
+                c_ll = c_ll - c_ls @ np.linalg.solve(cov[np.ix_(shape, shape)], c_ls.T)
+            except np.linalg.LinAlgError:
+                return float("nan")
+        grad = self._flux_gradient(params, names)[lin]
+        var = float(grad @ c_ll @ grad)
+        return math.sqrt(var) if var >= 0 and np.isfinite(var) else float("nan")
+
+    def _flux_gradient(self, params, names) -> np.ndarray:
+        """Derivatives of the total flux by the parameters in ``names``."""
         grad = np.zeros(len(names))
         for sfx in self.spec.components:
             g = sersic_flux_gradient(*(params[f"{base}{sfx}"] for base in ("amplitude", "r_eff", "n", "ellip")))
@@ -808,8 +835,7 @@ class SersicProblem:
                     grad[names.index(f"{base}{sfx}")] += value
         if "flux_point" in names:
             grad[names.index("flux_point")] += 1.0
-        var = float(grad @ cov @ grad)
-        return flux, math.sqrt(var) if var >= 0 and np.isfinite(var) else float("nan")
+        return grad
 
 
 def _covariance_step(name: str, value: float) -> float:

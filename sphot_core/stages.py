@@ -94,6 +94,10 @@ class SersicResult:
     flux, flux_err : float
         Total flux of the model integrated to infinity (image units) and its 1-sigma
         error propagated from the covariance.
+    flux_err_fixed_shape : float
+        1-sigma flux error with the shape held at its fitted value (the covariance of
+        the linear parameters given the shape). Bands that share a shape share its
+        error, which cancels in their colours: this is the error to combine for colours.
     sky_offset : float
         Constant sky offset solved linearly with the amplitude (0 when not solved).
     loss : float
@@ -128,6 +132,7 @@ class SersicResult:
     sky_offset: float = 0.0
     optimizer: str = ""
     model: str = "sersic"
+    flux_err_fixed_shape: float = float("nan")
 
     @property
     def chi2_dof(self) -> float:

@@ -83,6 +83,7 @@ def fitted(galaxy: Galaxy) -> Galaxy:
             nfev=42,
             flags=GALAXY_FLAGS.AT_LOWER_BOUND,
             optimizer="levmar",
+            flux_err_fixed_shape=0.6,
         )
         band.sources = SourceTable.from_columns([3.0, 20.5], [4.0, 7.25], [10.0, 20.0], flux_err=[1.0, 2.0], flags=[0, 8])
         band.sky = SkyResult(band.sky_model, {"c0": 0.5, "cx": 0.0, "cy": 0.0}, "plane")
@@ -109,6 +110,7 @@ def assert_same_band(a: Band, b: Band):
         assert a.sersic.params == b.sersic.params and a.sersic.errors == b.sersic.errors
         assert np.array_equal(a.sersic.covariance, b.sersic.covariance)
         assert (a.sersic.flux, a.sersic.flags, a.sersic.names) == (b.sersic.flux, b.sersic.flags, b.sersic.names)
+        assert (a.sersic.flux_err, a.sersic.flux_err_fixed_shape) == (b.sersic.flux_err, b.sersic.flux_err_fixed_shape)
     assert a.sources == b.sources
     assert (a.status, a.flags, a.zeropoint, a.history, a.kernel_history, a.stages_done) == (
         b.status, b.flags, b.zeropoint, b.history, b.kernel_history, b.stages_done,
@@ -181,10 +183,17 @@ def test_csv_columns_and_input_grid_coordinates(tmp_path, config):
     with open(paths["galaxy"]) as fh:
         rows = list(csv.reader(fh))
     assert tuple(rows[0]) == GALAXY_COLUMNS
+    # INTERFACE.md's columns first, in its order; additions only after them
+    assert GALAXY_COLUMNS[:17] == (
+        "filter", "x_0", "y_0", "amplitude", "r_eff", "n", "ellip", "theta", "flux", "flux_err",
+        "mag", "mag_err", "sky", "chi2_dof", "n_sources", "converged", "flags",
+    )
     row = dict(zip(rows[0], rows[1]))
     assert float(row["x_0"]) == 10.5 + 5 and float(row["y_0"]) == 12.25 + 7
     assert float(row["flux"]) == 123.4
     assert float(row["mag"]) == pytest.approx(-2.5 * np.log10(123.4) + 28.0866, abs=1e-3)
+    assert float(row["mag_err"]) == pytest.approx(1.0857 * 1.5 / 123.4, rel=1e-3)
+    assert float(row["mag_err_colour"]) == pytest.approx(1.0857 * 0.6 / 123.4, rel=1e-3)
     assert row["converged"] == "true" and int(row["flags"]) == GALAXY_FLAGS.AT_LOWER_BOUND
     assert int(row["n_sources"]) == 2 and float(row["sky"]) == 0.5
     failed = dict(zip(rows[0], rows[2]))

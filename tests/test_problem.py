@@ -212,6 +212,41 @@ def test_pulls_are_honest(psf, clean, renderer, rng):
         assert 0.7 < p.std() < 1.35, name
 
 
+def test_fixed_shape_flux_error_is_the_pinned_shape_error(psf, clean, renderer, rng):
+    img = clean + rng.normal(0, 0.01, SHAPE)
+    free = levmar().fit(SersicProblem(img, 0.01, psf, renderer=renderer))
+    pinned = make_scale_problem(img, 0.01, psf, free.params, shift_max=0.0, renderer=renderer)
+    at_shape = pinned.finalize(np.zeros(0), success=True)
+    # the amplitude's error given the shape, whether the shape was free or pinned
+    assert free.flux_err_fixed_shape == pytest.approx(at_shape.flux_err, rel=1e-3)
+    assert at_shape.flux_err_fixed_shape == pytest.approx(at_shape.flux_err, rel=1e-9)
+    # the shape's uncertainty (r_eff and n trade flux) is most of a free fit's flux error
+    assert free.flux_err > 2 * free.flux_err_fixed_shape
+
+
+def test_colour_pulls_are_honest_with_the_fixed_shape_error(psf, clean, renderer, rng):
+    """A second band with the base shape (colour 0.75 mag): the colour's error is the
+    quadrature sum of the fixed-shape errors; with the base's full flux error it would be
+    overstated."""
+    sigma = 0.02
+    colour_true = -2.5 * math.log10(0.5)
+    pulls, pulls_full = [], []
+    for _ in range(30):
+        base = levmar().fit(SersicProblem(clean + rng.normal(0, sigma, SHAPE), sigma, psf, renderer=renderer))
+        other_img = 0.5 * clean + rng.normal(0, sigma, SHAPE)
+        other = make_scale_problem(other_img, sigma, psf, base.params, shift_max=0.0, renderer=renderer).finalize(np.zeros(0), success=True)
+        colour = -2.5 * math.log10(other.flux / base.flux)
+        rel = math.hypot(other.flux_err_fixed_shape / other.flux, base.flux_err_fixed_shape / base.flux)
+        rel_full = math.hypot(other.flux_err / other.flux, base.flux_err / base.flux)
+        pulls.append((colour - colour_true) / (1.0857 * rel))
+        pulls_full.append((colour - colour_true) / (1.0857 * rel_full))
+    pulls, pulls_full = np.array(pulls), np.array(pulls_full)
+    print(f"colour pulls: mean {pulls.mean():+.2f} std {pulls.std():.2f}; with the full base error std {pulls_full.std():.2f}")
+    assert abs(pulls.mean()) < 0.5
+    assert 0.7 < pulls.std() < 1.35
+    assert pulls_full.std() < 0.7
+
+
 # --------------------------------------------------------------------- scale fit
 
 
