@@ -73,16 +73,21 @@ def run_demo(out_dir="sphot_demo", *, psf=None, seed: int = 1, jobs: Optional[in
     ):
         err = res.errors.get(name, float("nan"))
         click.echo(f"    {name:<20} {g[name]:9.3f} {fitted:9.3f} {'+-' + format(err, '.3f') if math.isfinite(err) else '':>8}")
-    click.echo(f"  per band:      {'mag true':>9} {'mag fit':>9} {'+-':>6} {'colour true':>11} {'colour fit':>10} {'stars found':>11}")
+    click.echo(
+        f"  per band:      {'mag true':>9} {'mag fit':>9} {'+-':>6} {'colour true':>11} {'colour fit':>10} {'+-':>6} {'stars found':>11}"
+    )
     comparison = {"bands": {}}
     base_band = galaxy.bands[base]
-    fitted_base = magnitude(base_band.sersic.flux, 0.0, base_band.zeropoint)[0]
+    fitted_base, base_colour_err = magnitude(base_band.sersic.flux, base_band.sersic.flux_err_fixed_shape, base_band.zeropoint)
     for flt, band in galaxy.bands.items():
         t = truth["bands"][flt]
         if band.status != "done":
             click.echo(f"    {flt:<11} failed: {band.message}")
             continue
         mag, mag_err = magnitude(band.sersic.flux, band.sersic.flux_err, band.zeropoint)
+        # the colour's error: both bands' errors at the shared shape (mag_err_colour)
+        colour_err = math.hypot(magnitude(band.sersic.flux, band.sersic.flux_err_fixed_shape, band.zeropoint)[1], base_colour_err)
+        colour_err_text = f"{colour_err:6.3f}" if flt != base else " " * 6
         # stars: detected true stars with S/N > 10 outside the galaxy core
         sigma = t["noise_sigma"]
         flux = np.array(t["star_flux"])
@@ -91,9 +96,19 @@ def run_demo(out_dir="sphot_demo", *, psf=None, seed: int = 1, jobs: Optional[in
         ok = np.isfinite(band.data[np.clip(np.round(ty).astype(int), 0, band.shape[0] - 1), np.clip(np.round(tx).astype(int), 0, band.shape[1] - 1)])
         bright = inside & ok & (flux / (sigma * 2.0 * band.psf.fwhm) > 10)
         found = _match(tx[bright], ty[bright], band.sources.x, band.sources.y) >= 0 if band.sources is not None else np.zeros(0, bool)
-        comparison["bands"][flt] = {"mag_true": t["mag"], "mag_fit": mag, "mag_err": mag_err, "stars_bright": int(bright.sum()), "stars_found": int(found.sum())}
+        comparison["bands"][flt] = {
+            "mag_true": t["mag"],
+            "mag_fit": mag,
+            "mag_err": mag_err,
+            "colour_true": t["colour"],
+            "colour_fit": mag - fitted_base,
+            "colour_err": colour_err if flt != base else 0.0,
+            "stars_bright": int(bright.sum()),
+            "stars_found": int(found.sum()),
+        }
         click.echo(
-            f"    {flt:<11} {t['mag']:9.3f} {mag:9.3f} {mag_err:6.3f} {t['colour']:11.3f} {mag - fitted_base:10.3f} {int(found.sum()):>5}/{int(bright.sum()):<5}"
+            f"    {flt:<11} {t['mag']:9.3f} {mag:9.3f} {mag_err:6.3f} {t['colour']:11.3f} {mag - fitted_base:10.3f} {colour_err_text}"
+            f" {int(found.sum()):>5}/{int(bright.sum()):<5}"
         )
     click.echo(f"  outputs in {out}/: " + ", ".join(Path(p).name for p in summary["outputs"].values()))
     click.echo(f"done in {time.perf_counter() - t0:.1f} s. Next: sphot run YOUR_GALAXY.h5 --psf PSF_DIR --out results/")

@@ -244,3 +244,23 @@ def test_merge_and_resume_keep_the_stored_config(sim, tmp_path):
     assert "catalog_galaxy.csv" in stdout and "catalog_sources.csv" in stdout
     rows = (merged / "catalog_galaxy.csv").read_text().splitlines()
     assert rows[0].startswith("galaxy,filter,") and len(rows) == 3
+
+
+def test_demo_recovers_its_truth(tmp_path, capsys):
+    """The README's first command: simulate, fit, plot, compare (in-process, one job)."""
+    from sphot_core.demo import run_demo
+
+    out_dir = tmp_path / "demo"
+    comparison = run_demo(out_dir, jobs=1)
+    printed = capsys.readouterr().out
+    assert "fitted versus true" in printed
+    names = {p.name for p in out_dir.iterdir()}
+    assert {"demo_galaxy_galaxy.csv", "demo_galaxy_sources.csv", "demo_galaxy_sphot.h5", "demo_galaxy_aperture.csv"} <= names
+    assert set(comparison["bands"]) == {"F090W", "F150W", "F277W"}
+    for flt, band in comparison["bands"].items():
+        assert abs(band["mag_fit"] - band["mag_true"]) < 0.05, flt
+        assert band["stars_found"] >= 0.9 * band["stars_bright"] > 0, flt
+        if flt != "F150W":
+            # colours within 4 sigma of the quoted colour error, which is not tiny
+            assert 0.001 < band["colour_err"] < 0.05, flt
+            assert abs(band["colour_fit"] - band["colour_true"]) < 4 * band["colour_err"], flt
