@@ -48,6 +48,9 @@ def test_g260_all_outputs_and_colours(galaxy_dir, psf_dir, tmp_path):
         assert 110 < float(r["x_0"]) < 140 and 120 < float(r["y_0"]) < 150
         colour = float(r["mag"]) - base
         assert abs(colour - (ref_mag[f] - ref_mag["F150W"])) < 0.15, (f, colour, ref_mag[f] - ref_mag["F150W"])
+        # the colour error leaves out the base shape's uncertainty: smaller, never larger
+        assert 0 < float(r["mag_err_colour"]) <= float(r["mag_err"]) * (1 + 1e-9), f
+    assert float(by["F150W"]["mag_err_colour"]) < 0.5 * float(by["F150W"]["mag_err"])  # the free shape's share
     for band in galaxy.bands.values():
         assert band.status == "done" and band.kernel_history
         assert band.psf.fwhm > band.library_psf.fwhm  # the calibration found extra blur
