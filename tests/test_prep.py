@@ -5,6 +5,7 @@ import pytest
 
 from sphot_core.config import load_config
 from sphot_core.data import Band, Galaxy
+from sphot_core.errors import ConfigError
 from sphot_core.prep import auto_crop, guess_galaxy, prepare
 from sphot_core.testing import _gaussian_psf
 
@@ -65,5 +66,5 @@ def test_prepare_uses_the_configured_minimum_and_records_the_crop():
 
 
 def test_minimum_crop_below_the_floor_is_refused():
-    with pytest.raises(Exception, match="auto_crop_min_size"):
+    with pytest.raises(ConfigError, match=r"\[prep\]: auto_crop_min_size must be >= 31, got 11"):
         load_config(use_user_config=False).with_overrides({"prep.auto_crop_min_size": 11})
