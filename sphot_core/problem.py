@@ -628,8 +628,9 @@ class SersicProblem:
             notes.append("the covariance matrix is singular: errors are NaN")
         else:
             errors.update({n: float(math.sqrt(max(cov[i, i], 0.0))) for i, n in enumerate(names)})
-        flux, flux_err = self._flux(params, names, cov)
-        flux_err_fixed = self._flux_err_fixed_shape(params, names, cov)
+        grad = self._flux_gradient(params, names)
+        flux, flux_err = self._flux(params, grad, cov)
+        flux_err_fixed = self._flux_err_fixed_shape(names, grad, cov)
         # a NaN error (singular covariance) says nothing about the signal
         if not flux > 0 or (np.isfinite(flux_err) and flux_err >= flux):
             flags |= GALAXY_FLAGS.NO_SIGNAL
@@ -798,15 +799,15 @@ class SersicProblem:
             t[i + 1, i : i + 2] = [-e2 / (2 * e * e), e1 / (2 * e * e)]
         return t @ cov @ t.T
 
-    def _flux(self, params, names, cov) -> Tuple[float, float]:
+    def _flux(self, params, grad, cov) -> Tuple[float, float]:
+        """Total flux and its error (``grad``: the flux's derivatives by the covariance's parameters)."""
         flux = self.spec.total_flux(params)
         if cov is None:
             return flux, float("nan")
-        grad = self._flux_gradient(params, names)
         var = float(grad @ cov @ grad)
         return flux, math.sqrt(var) if var >= 0 and np.isfinite(var) else float("nan")
 
-    def _flux_err_fixed_shape(self, params, names, cov) -> float:
+    def _flux_err_fixed_shape(self, names, grad, cov) -> float:
         """Flux error with the shape held fixed: the covariance of the linear parameters
         given the shape, ``C_ll - C_ls C_ss^-1 C_sl`` (the inverse of the linear block
         of ``J^T J``)."""
@@ -821,8 +822,8 @@ class SersicProblem:
                 c_ll = c_ll - c_ls @ np.linalg.solve(cov[np.ix_(shape, shape)], c_ls.T)
             except np.linalg.LinAlgError:
                 return float("nan")
-        grad = self._flux_gradient(params, names)[lin]
-        var = float(grad @ c_ll @ grad)
+        g = grad[lin]
+        var = float(g @ c_ll @ g)
         return math.sqrt(var) if var >= 0 and np.isfinite(var) else float("nan")
 
     def _flux_gradient(self, params, names) -> np.ndarray:
