@@ -208,6 +208,7 @@ class _BandLoop:
         self._solver = None
         #: scale bands: callable returning the seed positions (the base catalogue, shifted)
         self.seed_for: Optional[Callable] = None
+        self._calibration_warned: Optional[str] = None
         #: scale bands: free centre shift around the registered base centre (pixels)
         self.shift_max = config.core.scale_shift_max
 
@@ -463,7 +464,7 @@ class _BandLoop:
                 previous=self.tracker.fit,
             )
         except (SphotError, ValueError, np.linalg.LinAlgError, FloatingPointError) as exc:
-            log.warning("band %s: PSF calibration failed at iteration %d: %s", b.filter, iteration, exc)
+            self._calibration_failed(iteration, str(exc))
             b.flags |= GALAXY_FLAGS.CALIBRATION_FAILED
             b.kernel_history.append({"iteration": iteration, "success": False, "message": str(exc)})
             self._timed("calibration", t0)
@@ -471,6 +472,7 @@ class _BandLoop:
         record = self.tracker.update(fit, iteration)
         b.kernel_history.append(record)
         if not record["success"]:
+            self._calibration_failed(iteration, fit.message)
             b.flags |= GALAXY_FLAGS.CALIBRATION_FAILED
         elif record["accepted"]:
             b.flags &= ~GALAXY_FLAGS.CALIBRATION_FAILED
@@ -479,6 +481,14 @@ class _BandLoop:
             b.kernel = self.tracker.fit
             self.rerender()
         self._timed("calibration", t0)
+
+    def _calibration_failed(self, iteration: int, message: str) -> None:
+        """A warning for the band's first failed calibration (and for a new reason);
+        repeats of the same failure go to the debug log (the flag and the band's
+        ``kernel_history`` keep every one)."""
+        level = logging.DEBUG if message == self._calibration_warned else logging.WARNING
+        self._calibration_warned = message
+        log.log(level, "band %s: PSF calibration failed at iteration %d: %s", self.band.filter, iteration, message)
 
     def joint(self, *, positions_fitted: bool) -> None:
         """Galaxy brightness and star fluxes in one linear solve (``[core] joint_linear``).

@@ -829,7 +829,7 @@ class _Calibrator(KernelCalibrator):
             n = int(anchors.anchor.size)
             stats.update(anchors.counts)
             msg = f"only {n} usable anchors (need {self.options.min_anchors}); PSF unchanged"
-            log.warning("kernel calibration (%s): %s", fam, msg)
+            log.info("kernel calibration (%s): %s", fam, msg)
             return _failed(fam, family, library_psf, previous, n, msg, stats)
         anchors, objective, search, params, ok, message, evaluated = result
         n = int(anchors.anchor.size)

@@ -443,3 +443,34 @@ def test_scale_band_is_registered_on_its_stars(config, tmp_path):
     assert primer["offset"] == pytest.approx(shift, abs=0.05)
     p, base = g.bands["F277W"].sersic.params, g.bands["F150W"].sersic.params
     assert (p["x_0"] - base["x_0"], p["y_0"] - base["y_0"]) == pytest.approx(shift, abs=0.05)
+
+
+def test_a_failing_calibration_is_reported_once_per_band(config, caplog):
+    """A field without stars has no calibration anchors: every iteration's calibration
+    fails, the band is flagged and every failure is kept in ``kernel_history``, but the
+    log warns once, not once per iteration."""
+    import logging
+
+    from sphot_core.stages import SersicResult
+    from sphot_core.testing import _gaussian_psf
+
+    psf = _gaussian_psf(2.5)
+    shape = (64, 64)
+    yy, xx = np.mgrid[0:64, 0:64].astype(float)
+    galaxy = 40.0 * np.exp(-np.hypot(xx - 31.6, yy - 32.3) / 5.0)
+    band = Band("F150W", galaxy, psf, noise=np.ones(shape))
+    band.galaxy_model = galaxy.copy()
+    band.sky_model = np.zeros(shape)
+    band.sersic = SersicResult(params={"x_0": 31.6, "y_0": 32.3, "amplitude": 1.0, "r_eff": 8.4, "n": 1.0, "ellip": 0.0, "theta": 0.0},
+                               errors={}, names=(), covariance=None, flux=1.0, flux_err=1.0,
+                               loss=0.0, chi2=0.0, dof=1, success=True, message="", nfev=0)
+    band.kernel_history = []
+    loop = engine._BandLoop(band, config, engine.Stages.from_config(config), lambda event: None, "sersic")
+    with caplog.at_level(logging.DEBUG, logger="sphot_core.engine"):
+        for iteration in range(3):
+            loop.calibrate(iteration)
+    failed = [r for r in caplog.records if "PSF calibration failed" in r.getMessage()]
+    assert [r.levelno for r in failed] == [logging.WARNING, logging.DEBUG, logging.DEBUG]
+    assert "usable anchors" in failed[0].getMessage()
+    assert band.flags & GALAXY_FLAGS.CALIBRATION_FAILED
+    assert [h["success"] for h in band.kernel_history] == [False, False, False]
