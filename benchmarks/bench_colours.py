@@ -19,7 +19,12 @@ noise floor the errors should be compared with; the last line gives the RMS of
 Usage::
 
     python benchmarks/bench_colours.py [--seeds 1 2 3 ...] [--snr 150] [--snr-every-band]
-        [--free-radius 6] [--placements anywhere free] [--set core.scale_free='["n"]' ...]
+        [--free-radius 6] [--placements anywhere free] [--stars 500] [--set core.scale_free='["n"]' ...]
+
+``--stars 0`` is the control: the same galaxies, sky and noise without stars. Besides
+the per-field table it prints every band's mean colour error over the fields (the
+bias), their RMS, and how many fields pixel noise alone would put beyond 0.02 mag if
+the colour errors were unbiased Gaussians of the quoted size.
 
 ``--set KEY=VALUE`` (VALUE in JSON, as ``sphot run --set``) changes the configuration,
 to compare settings on the same fields.
@@ -35,19 +40,20 @@ import time
 from pathlib import Path
 
 import numpy as np
+from scipy.special import erfc
 
 FILTERS = ("F555W", "F814W", "F090W", "F150W", "F160W", "F277W")
 PSF_DIR = Path(os.environ.get("SPHOT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "psf"
 
 
-def one(seed: int, snr: float, free: float, work: Path, jobs: int, overrides=None, every_band=False):
+def one(seed: int, snr: float, free: float, work: Path, jobs: int, overrides=None, every_band=False, n_stars=500):
     from sphot_core.config import load_config
     from sphot_core.engine import run_file
     from sphot_core.io import read_sphot
     from sphot_core.sersic import magnitude
     from sphot_core.simulate import simulate_to_file
 
-    paths = simulate_to_file(work / f"sim{seed}.h5", psf=PSF_DIR, filters=FILTERS, size=151, n_stars=500, seed=seed, snr=snr, snr_every_band=every_band, star_free_radius=free)
+    paths = simulate_to_file(work / f"sim{seed}.h5", psf=PSF_DIR, filters=FILTERS, size=151, n_stars=n_stars, seed=seed, snr=snr, snr_every_band=every_band, star_free_radius=free)
     truth = json.loads(paths["truth"].read_text())
     t0 = time.perf_counter()
     summary = run_file(paths["galaxy"], work / f"out{seed}", psf=PSF_DIR, config=load_config(use_user_config=False).with_overrides(overrides or {}), jobs=jobs)
@@ -68,6 +74,7 @@ def main():
     ap.add_argument("--snr", type=float, default=150.0)
     ap.add_argument("--snr-every-band", action="store_true", help="every band at --snr (default: redder bands shallower)")
     ap.add_argument("--free-radius", type=float, default=6.0)
+    ap.add_argument("--stars", type=int, default=500, help="stars per field (0: the pixel-noise control)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--placements", nargs="+", choices=("anywhere", "free"), default=["anywhere", "free"])
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=JSON")
@@ -83,21 +90,27 @@ def main():
     for free in (radii[p] for p in args.placements):
         label = "stars anywhere" if free == 0 else f"no star within {free:g} px of the centre"
         depth = "in every band" if args.snr_every_band else "in F150W, 10**(-0.2 colour) of it elsewhere"
-        print(f"\n== S/N {args.snr:g} {depth}, 500 stars, {label}")
+        print(f"\n== S/N {args.snr:g} {depth}, {args.stars} stars, {label}")
         print(f"{'seed':>4} " + " ".join(f"{c:>8}" for c in cols) + f" {'F150W mag':>9} {'seconds':>7}")
-        worst, sigmas, pulls = [], [], []
+        worst, sigmas, pulls, errors = [], [], [], []
         with tempfile.TemporaryDirectory() as tmp:
             for seed in args.seeds:
-                err, sig, dmag, sec = one(seed, args.snr, free, Path(tmp), args.jobs, overrides, args.snr_every_band)
+                err, sig, dmag, sec = one(seed, args.snr, free, Path(tmp), args.jobs, overrides, args.snr_every_band, args.stars)
                 worst.append(max(abs(v) for v in err.values()))
                 sigmas.append([sig[c] for c in cols])
+                errors.append([err[c] for c in cols])
                 pulls += [err[c] / sig[c] for c in cols]
                 print(f"{seed:>4} " + " ".join(f"{err[c]:+8.4f}" for c in cols) + f" {dmag:+9.4f} {sec:7.1f}", flush=True)
-        worst = np.array(worst)
+        worst, sigmas, errors = np.array(worst), np.array(sigmas), np.array(errors)
+        print(f"{'mean':>4} " + " ".join(f"{v:+8.4f}" for v in errors.mean(axis=0)) + "   (bias: mean over the fields)")
+        print(f"{'rms':>4} " + " ".join(f"{v:8.4f}" for v in np.sqrt(np.mean(errors**2, axis=0))))
         print(f"{'sig':>4} " + " ".join(f"{v:8.4f}" for v in np.median(sigmas, axis=0)) + "   (median quoted 1-sigma colour error)")
         print(f"fields with every colour within 0.02 mag: {np.sum(worst <= 0.02)}/{worst.size}; "
               f"median worst colour error {np.median(worst):.4f} mag")
         print(f"RMS of colour error / quoted error: {np.sqrt(np.mean(np.square(pulls))):.2f} ({len(pulls)} colours)")
+        # what pixel noise alone would do: unbiased Gaussian colour errors of the quoted size
+        inside = 1.0 - erfc(0.02 / (np.sqrt(2.0) * sigmas))
+        print(f"fields expected beyond 0.02 mag from noise of the quoted size alone: {np.sum(1.0 - np.prod(inside, axis=1)):.1f}")
 
 
 if __name__ == "__main__":
