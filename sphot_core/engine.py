@@ -209,6 +209,8 @@ class _BandLoop:
         #: scale bands: callable returning the seed positions (the base catalogue, shifted)
         self.seed_for: Optional[Callable] = None
         self._calibration_warned: Optional[str] = None
+        #: positions (x, y) of sources returned to the galaxy in the loop's passes
+        self._returned = np.zeros((0, 2))
         #: scale bands: free centre shift around the registered base centre (pixels)
         self.shift_max = config.core.scale_shift_max
 
@@ -371,16 +373,19 @@ class _BandLoop:
         exclude = _disc(b.shape, p.get("x_0", np.nan), p.get("y_0", np.nan), self.cfg.psf.center_mask_r_in_fwhm * b.psf.fwhm) if p else None
         if positions is not None:
             res = self.st.forced_fitter.fit(image, b.noise, b.psf, exclude=exclude, positions=positions)
-        elif self.seed_for is not None:
-            res = self.st.refit.refit(image, b.noise, b.psf, self._seeded(warm), exclude=self._leftover_exclude(exclude))
-        elif warm and b.sources is not None and len(b.sources) > 0 and not self.cfg.psf.redetect_each_iteration:
-            res = self.st.refit.refit(image, b.noise, b.psf, b.sources, exclude=exclude)
         else:
-            res = self.st.point_source_fitter.fit(image, b.noise, b.psf, exclude=exclude, refit=self.st.refit)
+            exclude = self._returned_exclude(exclude)
+            if self.seed_for is not None:
+                seeds = self._not_returned(self._seeded(warm))
+                res = self.st.refit.refit(image, b.noise, b.psf, seeds, exclude=self._leftover_exclude(exclude))
+            elif warm and b.sources is not None and len(b.sources) > 0 and not self.cfg.psf.redetect_each_iteration:
+                res = self.st.refit.refit(image, b.noise, b.psf, self._not_returned(b.sources), exclude=exclude)
+            else:
+                res = self.st.point_source_fitter.fit(image, b.noise, b.psf, exclude=exclude, refit=self.st.refit)
         b.sources = res.sources
         b.star_model = res.model
         if positions is None:
-            self.return_substructure(image, exclude)
+            self.return_substructure(image, exclude, remember=warm)
         self._timed("stars", t0)
 
     def _leftover_exclude(self, exclude):
@@ -393,15 +398,49 @@ class _BandLoop:
             return exclude
         return inner if exclude is None else (exclude | inner)
 
-    def return_substructure(self, image, exclude) -> None:
+    def _returned_radius(self) -> float:
+        return 0.5 * self.band.psf.fwhm + 0.5
+
+    def _not_returned(self, sources: SourceTable) -> SourceTable:
+        """``sources`` without those at a position returned to the galaxy before."""
+        if not len(self._returned) or sources is None or len(sources) == 0:
+            return sources
+        from scipy.spatial import cKDTree
+
+        d, _ = cKDTree(self._returned).query(np.column_stack([sources.x, sources.y]))
+        return sources.select(d > self._returned_radius())
+
+    def _returned_exclude(self, exclude):
+        """``exclude`` plus a disc around every position returned to the galaxy before, so
+        that the leftover search does not find the same structure again."""
+        if not len(self._returned):
+            return exclude
+        r = self._returned_radius()
+        out = np.zeros(self.band.shape, dtype=bool) if exclude is None else exclude.copy()
+        ny, nx = out.shape
+        for x, y in self._returned:
+            y0, y1 = max(int(np.floor(y - r)), 0), min(int(np.ceil(y + r)) + 1, ny)
+            x0, x1 = max(int(np.floor(x - r)), 0), min(int(np.ceil(x + r)) + 1, nx)
+            if y0 >= y1 or x0 >= x1:
+                continue
+            yy, xx = np.mgrid[y0:y1, x0:x1]
+            out[y0:y1, x0:x1] |= np.hypot(xx - x, yy - y) <= r
+        return out
+
+    def return_substructure(self, image, exclude, *, remember: bool = False) -> None:
         """Resolved sources inside the galaxy footprint are galaxy substructure.
 
         Clumps, star-forming knots and the ridge of a disk the smooth model misses look
         like positive peaks on the galaxy-subtracted image; as "stars" they would take
         galaxy light away, more with every iteration. A source inside the ellipse of
         ``galaxy_footprint_r_eff`` x r_eff whose SPREAD_MODEL exceeds SExtractor's
-        star/galaxy threshold sqrt(epsilon^2 + (kappa sigma)^2) is removed; the fluxes
-        of the others are re-solved jointly (non-negative, no leftover search).
+        star/galaxy threshold sqrt(epsilon^2 + (kappa sigma)^2) is removed, and so is, in
+        a band that finds its own sources, the excess over the foreground density
+        (:meth:`_density_excess`); the fluxes of the others are re-solved jointly
+        (non-negative, no leftover search). With ``remember`` (the loop's passes) the
+        positions are kept: no source is placed there again in this band.
+        ``self.substructure`` is the number of positions returned so far (this pass's
+        alone when not remembering).
         """
         b = self.band
         cfg = self.cfg.psf
@@ -415,13 +454,67 @@ class _BandLoop:
         ix = np.clip(np.round(src.x).astype(int), 0, b.shape[1] - 1)
         limit = np.sqrt(cfg.extended_spread_epsilon**2 + (cfg.extended_spread_kappa * src.spread_model_err) ** 2)
         extended = footprint[iy, ix] & np.isfinite(src.spread_model) & (src.spread_model > limit)
-        if not extended.any():
+        crowded = np.zeros_like(extended)
+        if cfg.substructure_density_sigma > 0 and self.seed_for is None:
+            crowded = self._density_excess(image, exclude, iy, ix, ~extended)
+        gone = extended | crowded
+        if remember:
+            # once structure, always structure: a source near the limit that came back in
+            # the next pass would make the loop cycle between two solutions
+            self._returned = np.vstack([self._returned, np.column_stack([src.x[gone], src.y[gone]])])
+            self.substructure = len(self._returned)
+        else:
+            self.substructure = int(gone.sum())
+        if not gone.any():
             return
-        res = self._flux_solver().refit(image, b.noise, b.psf, src.select(~extended), exclude=exclude)
+        res = self._flux_solver().refit(image, b.noise, b.psf, src.select(~gone), exclude=exclude)
         b.sources = res.sources.renumbered()
         b.star_model = res.model
-        self.substructure = int(extended.sum())
-        log.debug("band %s: %d resolved sources inside the galaxy footprint returned to the galaxy", b.filter, self.substructure)
+        log.debug(
+            "band %s: %d resolved sources and %d in excess of the field density inside the galaxy footprint "
+            "returned to the galaxy", b.filter, int(extended.sum()), int(crowded.sum()),
+        )
+
+    def _density_excess(self, image, exclude, iy, ix, candidate) -> np.ndarray:
+        """Sources in excess of the foreground density inside the galaxy ellipses.
+
+        The density of ``candidate`` sources outside the ``galaxy_footprint_r_eff``
+        ellipse (on usable pixels: finite, not masked, not in ``exclude``) predicts how
+        many fall inside each nested ellipse of 0.25, 0.5, 1 and 2 r_eff (up to the
+        footprint); beyond that count plus ``substructure_density_sigma`` Poisson sigma,
+        the excess (innermost ellipse first, least star-like first: highest
+        SPREAD_MODEL / error) is marked. The detection limit is brighter on the galaxy
+        than in the field, so the prediction is an upper bound. Nothing is marked when
+        the field holds fewer than ten sources or a tenth of the usable pixels.
+        """
+        b = self.band
+        cfg = self.cfg.psf
+        out = np.zeros(candidate.shape, dtype=bool)
+        usable = np.isfinite(image)
+        if b.mask is not None:
+            usable &= ~b.mask
+        if exclude is not None:
+            usable &= ~exclude
+        footprint = self._galaxy_ellipse(cfg.galaxy_footprint_r_eff)
+        field = usable & ~footprint
+        in_field = candidate & field[iy, ix]
+        if in_field.sum() < 10 or field.sum() < 0.1 * usable.sum():
+            return out
+        density = in_field.sum() / field.sum()
+        src = b.sources
+        with np.errstate(divide="ignore", invalid="ignore"):
+            score = np.asarray(src.spread_model) / np.asarray(src.spread_model_err)
+        score = np.where(np.isfinite(score), score, -np.inf)
+        z = cfg.substructure_density_sigma
+        factors = [f for f in (0.25, 0.5, 1.0, 2.0) if f < cfg.galaxy_footprint_r_eff] + [cfg.galaxy_footprint_r_eff]
+        for factor in factors:
+            ellipse = self._galaxy_ellipse(factor) & usable
+            expected = density * ellipse.sum()
+            inside = np.flatnonzero(candidate & ~out & ellipse[iy, ix])
+            excess = inside.size - int(np.floor(expected + z * np.sqrt(expected)))
+            if excess > 0:
+                out[inside[np.argsort(-score[inside], kind="stable")[:excess]]] = True
+        return out
 
     def _flux_solver(self):
         from .registry import get_registry

@@ -474,3 +474,101 @@ def test_a_failing_calibration_is_reported_once_per_band(config, caplog):
     assert "usable anchors" in failed[0].getMessage()
     assert band.flags & GALAXY_FLAGS.CALIBRATION_FAILED
     assert [h["success"] for h in band.kernel_history] == [False, False, False]
+
+
+def _disk_band_with_a_ridge(seed=3, knots_on=True):
+    """A 120 px field: an elongated exponential disk (r_eff 16 px, ellip 0.6, theta 0.3)
+    whose ridge is split into 10 knots within 0.8 r_eff of the centre (flux 150 each,
+    FWHM 3.0 px against the PSF's 2.5: nearly point-like, below the SPREAD_MODEL
+    "resolved" limit), plus 110 foreground stars spread evenly over the field.
+    Returns the band (its galaxy model exact), and the stars' positions and fluxes."""
+    from sphot_core.stages import SersicResult
+    from sphot_core.testing import _gaussian_psf
+
+    rng = np.random.default_rng(seed)
+    psf = _gaussian_psf(2.5)
+    shape = (120, 120)
+    yy, xx = np.mgrid[0:120, 0:120].astype(float)
+    x0, y0, theta, q, r_eff = 59.6, 60.3, 0.3, 0.4, 16.0
+    u = (xx - x0) * np.cos(theta) + (yy - y0) * np.sin(theta)
+    v = -(xx - x0) * np.sin(theta) + (yy - y0) * np.cos(theta)
+    galaxy = 30.0 * np.exp(-1.678 * np.hypot(u, v / q) / r_eff)
+    stars = (rng.uniform(2, 118, 110), rng.uniform(2, 118, 110))
+    flux = rng.uniform(80.0, 600.0, 110)
+    data = galaxy + psf.render(shape, *stars, flux, half=psf.half_extent) + rng.normal(0.0, 0.5, shape)
+    if knots_on:
+        t = np.r_[-12.5:-2:2.5, 2.5:13:2.5]  # along the major axis, 2.5 px apart
+        knot_psf = _gaussian_psf(3.0)
+        data += knot_psf.render(shape, x0 + t * np.cos(theta), y0 + t * np.sin(theta), np.full(10, 150.0), half=knot_psf.half_extent)
+    band = Band("F150W", data, psf, noise=np.full(shape, 0.5))
+    band.galaxy_model = galaxy.copy()
+    band.sky_model = np.zeros(shape)
+    params = {"x_0": x0, "y_0": y0, "amplitude": 1.0, "r_eff": r_eff, "n": 1.0, "ellip": 1 - q, "theta": theta}
+    band.sersic = SersicResult(params=params, errors={}, names=(), covariance=None, flux=1.0, flux_err=1.0,
+                               loss=0.0, chi2=0.0, dof=1, success=True, message="", nfev=0)
+    return band, stars, flux
+
+
+def _star_flux_on_the_galaxy(config, seed, sigma, knots_on=True):
+    """(flux of the fitted sources inside 1 r_eff, true star flux there, sources returned)."""
+    from sphot_core.calibrate import galaxy_exclusion_mask
+
+    band, stars, flux = _disk_band_with_a_ridge(seed, knots_on)
+    cfg = config.with_overrides({"psf.substructure_density_sigma": sigma})
+    loop = engine._BandLoop(band, cfg, engine.Stages.from_config(cfg), lambda event: None, "sersic")
+    loop.stars(warm=False)
+    src = band.sources
+    inner = galaxy_exclusion_mask(band.shape, band.sersic.params, factor=1.0, cap_fraction=0.49)
+    fitted = src.flux[inner[np.round(src.y).astype(int), np.round(src.x).astype(int)]].sum()
+    true = flux[inner[np.round(stars[1]).astype(int), np.round(stars[0]).astype(int)]].sum()
+    return fitted, true, loop.substructure
+
+
+def test_a_ridge_split_into_stars_is_returned_to_the_galaxy(config):
+    """``[psf] substructure_density_sigma``: foreground stars are spread evenly; a knotty
+    ridge the smooth model misses makes the sources inside the galaxy ellipse far
+    more numerous than the field density predicts, and their excess is returned to
+    the galaxy. Measured by the light given to "stars" inside 1 r_eff against the
+    true stars' there (10 knots hold 1500)."""
+    error = {}
+    for sigma in (3.0, 0.0):
+        error[sigma] = 0.0
+        for seed in (3, 5):
+            fitted, true, returned = _star_flux_on_the_galaxy(config, seed, sigma)
+            error[sigma] += abs(fitted - true)
+            if sigma:
+                assert returned >= 6
+    assert error[0.0] > 1500  # without the guard the knots are "stars"
+    assert error[3.0] < 0.5 * error[0.0]
+
+
+def test_even_foreground_is_not_mistaken_for_structure(config):
+    """Without the knots the density guard returns nothing: the sources on the
+    galaxy are as many as the field density predicts."""
+    for seed in (3, 5):
+        with_guard = _star_flux_on_the_galaxy(config, seed, 3.0, knots_on=False)
+        without = _star_flux_on_the_galaxy(config, seed, 0.0, knots_on=False)
+        assert with_guard[2] == without[2]
+        assert with_guard[0] == pytest.approx(without[0])
+
+
+def test_structure_once_returned_stays_galaxy(config):
+    """In the loop's (warm) passes the positions returned to the galaxy are remembered:
+    neither the catalogue nor the leftover search puts a source there again, so a
+    source near the limit cannot make the loop cycle between two solutions. The cold
+    first pass (on a rough galaxy model) remembers nothing."""
+    band, _, _ = _disk_band_with_a_ridge(3)
+    loop = engine._BandLoop(band, config, engine.Stages.from_config(config), lambda event: None, "sersic")
+    loop.stars(warm=False)
+    assert loop.substructure > 0 and len(loop._returned) == 0
+    # the cold pass's returns come back through the leftover search ...
+    loop.stars(warm=True)
+    remembered = loop._returned.copy()
+    assert len(remembered) > 0 and loop.substructure == len(remembered)
+    # ... but a remembered position is never filled again
+    for _ in range(2):
+        loop.stars(warm=True)
+        src = band.sources
+        d = np.hypot(src.x[:, None] - remembered[:, 0], src.y[:, None] - remembered[:, 1])
+        assert d.min() > loop._returned_radius()
+    np.testing.assert_array_equal(loop._returned[: len(remembered)], remembered)
