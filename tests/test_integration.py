@@ -68,3 +68,33 @@ def test_colours_on_a_simulated_field_with_the_real_psfs(psf_dir, tmp_path):
     for f in filters:
         err = (mag[f] - mag["F150W"]) - truth["bands"][f]["colour"]
         assert abs(err) < (0.05 if f == "F160W" else 0.025), (f, err)
+
+
+def test_g095_ridge_is_galaxy_not_stars(galaxy_dir, psf_dir, tmp_path):
+    """g095 (an edge-on disk whose ridge the smooth model misses), base band only: the
+    ridge is not turned into a chain of "stars" (no more sources inside 0.5 r_eff than
+    the foreground density outside the galaxy allows), so the single Sersic stays a
+    disk-like profile, and the loop converges."""
+    from sphot_core.calibrate import galaxy_exclusion_mask
+
+    cfg = load_config(use_user_config=False).with_overrides({"prep.filters": ["F150W"]})
+    summary = run_file(galaxy_dir / "g095.h5", tmp_path, psf=psf_dir, config=cfg, jobs=1)
+    assert summary["status"] == "ok", summary
+    galaxy, _ = read_sphot(tmp_path / "g095_sphot.h5")
+    band = galaxy.bands["F150W"]
+    assert not band.flags & GALAXY_FLAGS.LOOP_NOT_CONVERGED
+    p = band.sersic.params
+    assert p["n"] < 3.5 and p["r_eff"] < 65  # with the ridge as "stars": n 4.1, r_eff 76 px
+    src = band.sources
+    iy, ix = np.round(src.y).astype(int), np.round(src.x).astype(int)
+    counts = []
+    for factor in (0.5, 2.0):
+        inside = galaxy_exclusion_mask(band.shape, p, factor=factor, cap_fraction=0.49) & np.isfinite(band.data)
+        counts.append((inside[iy, ix].sum(), inside.sum()))
+    (n_in, area_in), (n_fp, area_fp) = counts
+    density = (len(src) - n_fp) / (np.isfinite(band.data).sum() - area_fp)
+    expected = density * area_in
+    assert n_in <= expected + 3 * np.sqrt(expected) + 1, (n_in, expected)
+    # the last iterations add no source returned to the galaxy before
+    loops = [h for h in band.history if h.get("stage") == "loop"]
+    assert loops[-1]["n_sources"] == pytest.approx(loops[-2]["n_sources"], abs=3)
