@@ -209,8 +209,10 @@ class _BandLoop:
         #: scale bands: callable returning the seed positions (the base catalogue, shifted)
         self.seed_for: Optional[Callable] = None
         self._calibration_warned: Optional[str] = None
-        #: positions (x, y) of sources returned to the galaxy in the loop's passes
+        #: positions (x, y) returned to the galaxy in two of the loop's passes (for good),
+        #: and those returned in one so far
         self._returned = np.zeros((0, 2))
+        self._once = np.zeros((0, 2))
         #: scale bands: free centre shift around the registered base centre (pixels)
         self.shift_max = config.core.scale_shift_max
 
@@ -398,6 +400,26 @@ class _BandLoop:
             return exclude
         return inner if exclude is None else (exclude | inner)
 
+    def _remember(self, xy: np.ndarray) -> int:
+        """Positions returned to the galaxy in this pass: those returned in an earlier
+        pass too become structure for good (a source near a limit that came back in the
+        next pass would make the loop cycle between two solutions); the others are
+        candidates (a single crossing of the limit by noise does not lose a star).
+        Returns the number of new candidates."""
+        if not len(xy):
+            return 0
+        r = self._returned_radius()
+        if len(self._once):
+            from scipy.spatial import cKDTree
+
+            d, _ = cKDTree(self._once).query(xy)
+            again = d <= r
+        else:
+            again = np.zeros(len(xy), dtype=bool)
+        self._returned = np.vstack([self._returned, xy[again]])
+        self._once = np.vstack([self._once, xy[~again]])
+        return int((~again).sum())
+
     def _returned_radius(self) -> float:
         return 0.5 * self.band.psf.fwhm + 0.5
 
@@ -438,9 +460,10 @@ class _BandLoop:
         a band that finds its own sources, the excess over the foreground density
         (:meth:`_density_excess`); the fluxes of the others are re-solved jointly
         (non-negative, no leftover search). With ``remember`` (the loop's passes) the
-        positions are kept: no source is placed there again in this band.
-        ``self.substructure`` is the number of positions returned so far (this pass's
-        alone when not remembering).
+        positions go to :meth:`_remember`: one returned a second time gets no source
+        again in this band. ``self.substructure`` counts the structure positions of this
+        pass: the remembered ones plus this pass's first returns (this pass's returns
+        when not remembering).
         """
         b = self.band
         cfg = self.cfg.psf
@@ -459,10 +482,8 @@ class _BandLoop:
             crowded = self._density_excess(image, exclude, iy, ix, ~extended)
         gone = extended | crowded
         if remember:
-            # once structure, always structure: a source near the limit that came back in
-            # the next pass would make the loop cycle between two solutions
-            self._returned = np.vstack([self._returned, np.column_stack([src.x[gone], src.y[gone]])])
-            self.substructure = len(self._returned)
+            first = self._remember(np.column_stack([src.x[gone], src.y[gone]]))
+            self.substructure = len(self._returned) + first
         else:
             self.substructure = int(gone.sum())
         if not gone.any():

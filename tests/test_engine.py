@@ -552,23 +552,46 @@ def test_even_foreground_is_not_mistaken_for_structure(config):
         assert with_guard[0] == pytest.approx(without[0])
 
 
-def test_structure_once_returned_stays_galaxy(config):
-    """In the loop's (warm) passes the positions returned to the galaxy are remembered:
-    neither the catalogue nor the leftover search puts a source there again, so a
-    source near the limit cannot make the loop cycle between two solutions. The cold
-    first pass (on a rough galaxy model) remembers nothing."""
+def test_structure_returned_twice_stays_galaxy(config):
+    """In the loop's (warm) passes a position returned to the galaxy a second time is
+    remembered for good: neither the catalogue nor the leftover search puts a source
+    there again, so a source near a limit cannot make the loop cycle between two
+    solutions. A position returned once is only a candidate (one noise crossing of a
+    limit does not lose a star), and the cold first pass (on a rough galaxy model)
+    counts for nothing."""
     band, _, _ = _disk_band_with_a_ridge(3)
     loop = engine._BandLoop(band, config, engine.Stages.from_config(config), lambda event: None, "sersic")
     loop.stars(warm=False)
-    assert loop.substructure > 0 and len(loop._returned) == 0
-    # the cold pass's returns come back through the leftover search ...
+    assert loop.substructure > 0 and len(loop._returned) == 0 and len(loop._once) == 0
+    # the cold pass's returns come back through the leftover search and are returned
+    # again: candidates after this pass, structure after the next
+    loop.stars(warm=True)
+    assert len(loop._once) > 0 and len(loop._returned) == 0
     loop.stars(warm=True)
     remembered = loop._returned.copy()
-    assert len(remembered) > 0 and loop.substructure == len(remembered)
-    # ... but a remembered position is never filled again
+    assert len(remembered) > 0 and loop.substructure >= len(remembered)
     for _ in range(2):
         loop.stars(warm=True)
         src = band.sources
         d = np.hypot(src.x[:, None] - remembered[:, 0], src.y[:, None] - remembered[:, 1])
         assert d.min() > loop._returned_radius()
     np.testing.assert_array_equal(loop._returned[: len(remembered)], remembered)
+
+
+def test_a_position_returned_once_is_only_a_candidate(config):
+    """``_remember``: a first return makes a candidate, a second one (within the radius)
+    makes it structure; elsewhere nothing is remembered."""
+    band, _, _ = _disk_band_with_a_ridge(3)
+    loop = engine._BandLoop(band, config, engine.Stages.from_config(config), lambda event: None, "sersic")
+    r = loop._returned_radius()
+    loop._remember(np.array([[40.0, 50.0], [70.0, 60.0]]))
+    assert len(loop._returned) == 0 and len(loop._once) == 2
+    loop._remember(np.array([[40.0 + 0.8 * r, 50.0], [90.0, 20.0]]))
+    np.testing.assert_allclose(loop._returned, [[40.0 + 0.8 * r, 50.0]])
+    assert len(loop._once) == 3
+    # only remembered positions keep sources out
+    from sphot_core.data import SourceTable
+
+    table = SourceTable.from_columns(np.array([40.0, 70.0, 90.0]), np.array([50.0, 60.0, 20.0]), np.ones(3))
+    kept = loop._not_returned(table)
+    np.testing.assert_allclose(kept.x, [70.0, 90.0])
