@@ -479,7 +479,7 @@ class _BandLoop:
         extended = footprint[iy, ix] & np.isfinite(src.spread_model) & (src.spread_model > limit)
         crowded = np.zeros_like(extended)
         if cfg.substructure_density_sigma > 0 and self.seed_for is None:
-            crowded = self._density_excess(image, exclude, iy, ix, ~extended)
+            crowded = self._density_excess(image, exclude, footprint, iy, ix, ~extended)
         gone = extended | crowded
         if remember:
             first = self._remember(np.column_stack([src.x[gone], src.y[gone]]))
@@ -496,13 +496,13 @@ class _BandLoop:
             "returned to the galaxy", b.filter, int(extended.sum()), int(crowded.sum()),
         )
 
-    def _density_excess(self, image, exclude, iy, ix, candidate) -> np.ndarray:
+    def _density_excess(self, image, exclude, footprint, iy, ix, candidate) -> np.ndarray:
         """Sources in excess of the foreground density inside the galaxy ellipses.
 
-        The density of ``candidate`` sources outside the ``galaxy_footprint_r_eff``
-        ellipse (on usable pixels: finite, not masked, not in ``exclude``) predicts how
-        many fall inside each nested ellipse of 0.25, 0.5, 1 and 2 r_eff (up to the
-        footprint); beyond that count plus ``substructure_density_sigma`` Poisson sigma,
+        The density of ``candidate`` sources outside ``footprint`` (the
+        ``galaxy_footprint_r_eff`` ellipse), on usable pixels (finite, not masked, not in
+        ``exclude``), predicts how many fall inside each nested ellipse of 0.25, 0.5, 1
+        and 2 r_eff (up to the footprint); beyond that count plus ``substructure_density_sigma`` Poisson sigma,
         the excess (innermost ellipse first, least star-like first: highest
         SPREAD_MODEL / error) is marked. The detection limit is brighter on the galaxy
         than in the field, so the prediction is an upper bound. Nothing is marked when
@@ -516,7 +516,6 @@ class _BandLoop:
             usable &= ~b.mask
         if exclude is not None:
             usable &= ~exclude
-        footprint = self._galaxy_ellipse(cfg.galaxy_footprint_r_eff)
         field = usable & ~footprint
         in_field = candidate & field[iy, ix]
         if in_field.sum() < 10 or field.sum() < 0.1 * usable.sum():
