@@ -181,6 +181,17 @@ def _disc(shape, x, y, radius) -> Optional[np.ndarray]:
     return (xx - x) ** 2 + (yy - y) ** 2 <= radius**2
 
 
+def _near(x, y, ref: np.ndarray, radius: float) -> np.ndarray:
+    """Mask of the positions ``(x, y)`` within ``radius`` of a point of ``ref`` (N x 2)."""
+    x = np.asarray(x, dtype=float)
+    if not len(ref) or not x.size:
+        return np.zeros(x.size, dtype=bool)
+    from scipy.spatial import cKDTree
+
+    d, _ = cKDTree(ref).query(np.column_stack([x, np.asarray(y, dtype=float)]))
+    return d <= radius
+
+
 class _BandLoop:
     """The alternating fit of one band (base, scale or forced)."""
 
@@ -352,10 +363,7 @@ class _BandLoop:
         src = self.band.sources
         if not warm or src is None or len(src) == 0 or sx.size == 0:
             return seeds
-        from scipy.spatial import cKDTree
-
-        d, _ = cKDTree(np.column_stack([sx, sy])).query(np.column_stack([src.x, src.y]))
-        own = src.select(d > 0.5 * self.band.psf.fwhm)
+        own = src.select(~_near(src.x, src.y, np.column_stack([sx, sy]), 0.5 * self.band.psf.fwhm))
         return SourceTable.concatenate([seeds, own])
 
     def stars(self, *, warm: bool, positions=None) -> None:
@@ -408,14 +416,7 @@ class _BandLoop:
         Returns the number of new candidates."""
         if not len(xy):
             return 0
-        r = self._returned_radius()
-        if len(self._once):
-            from scipy.spatial import cKDTree
-
-            d, _ = cKDTree(self._once).query(xy)
-            again = d <= r
-        else:
-            again = np.zeros(len(xy), dtype=bool)
+        again = _near(xy[:, 0], xy[:, 1], self._once, self._returned_radius())
         self._returned = np.vstack([self._returned, xy[again]])
         self._once = np.vstack([self._once, xy[~again]])
         return int((~again).sum())
@@ -427,10 +428,7 @@ class _BandLoop:
         """``sources`` without those at a position returned to the galaxy before."""
         if not len(self._returned) or sources is None or len(sources) == 0:
             return sources
-        from scipy.spatial import cKDTree
-
-        d, _ = cKDTree(self._returned).query(np.column_stack([sources.x, sources.y]))
-        return sources.select(d > self._returned_radius())
+        return sources.select(~_near(sources.x, sources.y, self._returned, self._returned_radius()))
 
     def _returned_exclude(self, exclude):
         """``exclude`` plus a disc around every position returned to the galaxy before, so
@@ -439,14 +437,8 @@ class _BandLoop:
             return exclude
         r = self._returned_radius()
         out = np.zeros(self.band.shape, dtype=bool) if exclude is None else exclude.copy()
-        ny, nx = out.shape
         for x, y in self._returned:
-            y0, y1 = max(int(np.floor(y - r)), 0), min(int(np.ceil(y + r)) + 1, ny)
-            x0, x1 = max(int(np.floor(x - r)), 0), min(int(np.ceil(x + r)) + 1, nx)
-            if y0 >= y1 or x0 >= x1:
-                continue
-            yy, xx = np.mgrid[y0:y1, x0:x1]
-            out[y0:y1, x0:x1] |= np.hypot(xx - x, yy - y) <= r
+            out |= _disc(out.shape, x, y, r)
         return out
 
     def return_substructure(self, image, exclude, *, remember: bool = False) -> None:
