@@ -42,6 +42,14 @@ def fitted(field, config, tmp_path_factory):
     return summary, out
 
 
+def _given_fit(params, flux=1.0):
+    """A Sersic result with these parameters, as if a fit had returned it."""
+    from sphot_core.stages import SersicResult
+
+    return SersicResult(params=params, errors={}, names=(), covariance=None, flux=flux, flux_err=1.0,
+                        loss=0.0, chi2=0.0, dof=1, success=True, message="", nfev=0)
+
+
 def test_parameter_change_units():
     prev = {"x_0": 10.0, "y_0": 5.0, "amplitude": 2.0, "r_eff": 10.0, "n": 2.0, "ellip": 0.5, "theta": 0.1}
     cur = dict(prev, x_0=10.005, amplitude=2.01, theta=0.1 + np.pi - 0.01)
@@ -330,7 +338,6 @@ def test_joint_step_with_the_galaxy_held_fixed(config):
     """``joint_linear_galaxy = false``: star fluxes and the sky correction are solved
     together on ``data - galaxy``; the galaxy model and its fit are left as they are."""
     from sphot_core.data import SourceTable
-    from sphot_core.stages import SersicResult
     from sphot_core.testing import _gaussian_psf
 
     psf = _gaussian_psf(2.5)
@@ -346,8 +353,7 @@ def test_joint_step_with_the_galaxy_held_fixed(config):
     band.galaxy_model = galaxy.copy()
     band.sky_model = sky + 0.8
     band.sources = SourceTable.from_columns(x, y, 0.5 * flux)
-    fit = SersicResult(params={"amplitude": 1.0}, errors={}, names=(), covariance=None, flux=123.0, flux_err=1.0,
-                       loss=0.0, chi2=0.0, dof=1, success=True, message="", nfev=0)
+    fit = _given_fit({"amplitude": 1.0}, flux=123.0)
     band.sersic = fit
     cfg = config.with_overrides({"core.joint_linear": True, "core.joint_linear_sky": True, "core.joint_linear_galaxy": False})
     loop = engine._BandLoop(band, cfg, engine.Stages.from_config(cfg), lambda event: None, "sersic")
@@ -370,7 +376,6 @@ def test_scale_band_adds_no_source_of_its_own_on_the_galaxy(config):
     adds its own leftover sources outside the galaxy ellipse of that many r_eff, not
     inside it (a compact clump the pinned model misses stays galaxy light); with 0 it
     adds both."""
-    from sphot_core.stages import SersicResult
     from sphot_core.testing import _gaussian_psf
 
     psf = _gaussian_psf(2.5)
@@ -388,8 +393,7 @@ def test_scale_band_adds_no_source_of_its_own_on_the_galaxy(config):
         band = Band("F160W", data, psf, noise=np.ones(shape))
         band.galaxy_model = galaxy.copy()
         band.sky_model = np.zeros(shape)
-        band.sersic = SersicResult(params=params, errors={}, names=(), covariance=None, flux=1.0, flux_err=1.0,
-                                   loss=0.0, chi2=0.0, dof=1, success=True, message="", nfev=0)
+        band.sersic = _given_fit(params)
         cfg = config.with_overrides({"psf.scale_leftovers_r_eff": r_eff_factor, "psf.galaxy_footprint_r_eff": 0.0})
         loop = engine._BandLoop(band, cfg, engine.Stages.from_config(cfg), lambda event: None, "sersic")
         loop.seed_for = lambda: seeds
@@ -451,7 +455,6 @@ def test_a_failing_calibration_is_reported_once_per_band(config, caplog):
     log warns once, not once per iteration."""
     import logging
 
-    from sphot_core.stages import SersicResult
     from sphot_core.testing import _gaussian_psf
 
     psf = _gaussian_psf(2.5)
@@ -461,9 +464,7 @@ def test_a_failing_calibration_is_reported_once_per_band(config, caplog):
     band = Band("F150W", galaxy, psf, noise=np.ones(shape))
     band.galaxy_model = galaxy.copy()
     band.sky_model = np.zeros(shape)
-    band.sersic = SersicResult(params={"x_0": 31.6, "y_0": 32.3, "amplitude": 1.0, "r_eff": 8.4, "n": 1.0, "ellip": 0.0, "theta": 0.0},
-                               errors={}, names=(), covariance=None, flux=1.0, flux_err=1.0,
-                               loss=0.0, chi2=0.0, dof=1, success=True, message="", nfev=0)
+    band.sersic = _given_fit({"x_0": 31.6, "y_0": 32.3, "amplitude": 1.0, "r_eff": 8.4, "n": 1.0, "ellip": 0.0, "theta": 0.0})
     band.kernel_history = []
     loop = engine._BandLoop(band, config, engine.Stages.from_config(config), lambda event: None, "sersic")
     with caplog.at_level(logging.DEBUG, logger="sphot_core.engine"):
@@ -482,7 +483,6 @@ def _disk_band_with_a_ridge(seed=3, knots_on=True):
     FWHM 3.0 px against the PSF's 2.5: nearly point-like, below the SPREAD_MODEL
     "resolved" limit), plus 110 foreground stars spread evenly over the field.
     Returns the band (its galaxy model exact), and the stars' positions and fluxes."""
-    from sphot_core.stages import SersicResult
     from sphot_core.testing import _gaussian_psf
 
     rng = np.random.default_rng(seed)
@@ -504,8 +504,7 @@ def _disk_band_with_a_ridge(seed=3, knots_on=True):
     band.galaxy_model = galaxy.copy()
     band.sky_model = np.zeros(shape)
     params = {"x_0": x0, "y_0": y0, "amplitude": 1.0, "r_eff": r_eff, "n": 1.0, "ellip": 1 - q, "theta": theta}
-    band.sersic = SersicResult(params=params, errors={}, names=(), covariance=None, flux=1.0, flux_err=1.0,
-                               loss=0.0, chi2=0.0, dof=1, success=True, message="", nfev=0)
+    band.sersic = _given_fit(params)
     return band, stars, flux
 
 
