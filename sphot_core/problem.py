@@ -804,8 +804,7 @@ class SersicProblem:
         flux = self.spec.total_flux(params)
         if cov is None:
             return flux, float("nan")
-        var = float(grad @ cov @ grad)
-        return flux, math.sqrt(var) if var >= 0 and np.isfinite(var) else float("nan")
+        return flux, _sigma(float(grad @ cov @ grad))
 
     def _flux_err_fixed_shape(self, names, grad, cov) -> float:
         """Flux error with the shape held fixed: the covariance of the linear parameters
@@ -823,8 +822,7 @@ class SersicProblem:
             except np.linalg.LinAlgError:
                 return float("nan")
         g = grad[lin]
-        var = float(g @ c_ll @ g)
-        return math.sqrt(var) if var >= 0 and np.isfinite(var) else float("nan")
+        return _sigma(float(g @ c_ll @ g))
 
     def _flux_gradient(self, params, names) -> np.ndarray:
         """Derivatives of the total flux by the parameters in ``names``."""
@@ -837,6 +835,11 @@ class SersicProblem:
         if "flux_point" in names:
             grad[names.index("flux_point")] += 1.0
         return grad
+
+
+def _sigma(var: float) -> float:
+    """sqrt of a variance, NaN for a negative or non-finite one (a singular covariance)."""
+    return math.sqrt(var) if var >= 0 and np.isfinite(var) else float("nan")
 
 
 def _covariance_step(name: str, value: float) -> float:
