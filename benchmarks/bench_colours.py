@@ -19,7 +19,15 @@ noise floor the errors should be compared with; the last line gives the RMS of
 Usage::
 
     python benchmarks/bench_colours.py [--seeds 1 2 3 ...] [--snr 150] [--snr-every-band]
-        [--free-radius 6] [--placements anywhere free] [--stars 500] [--set core.scale_free='["n"]' ...]
+        [--free-radius 6] [--free-min-flux 20] [--placements anywhere free] [--stars 500] [--set core.scale_free='["n"]' ...]
+
+In the ``free`` placement only stars of base-band flux at least ``--free-min-flux``
+(default 20, in units of the noise sigma; the base band finds about half of the stars
+at that flux) are kept out of the centre; the fainter ones, which no band resolves on
+the nucleus, stay evenly spread, as in a real field. With ``--free-min-flux 0`` every
+star is kept out, which leaves a hole in the unresolved foreground under the galaxy
+that the sky, measured around it, does not have (the earlier measurements in
+``docs/engine.rst`` used that placement).
 
 ``--stars 0`` is the control: the same galaxies, sky and noise without stars. Besides
 the per-field table it prints every band's mean colour error over the fields (the
@@ -46,14 +54,14 @@ FILTERS = ("F555W", "F814W", "F090W", "F150W", "F160W", "F277W")
 PSF_DIR = Path(os.environ.get("SPHOT_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")) / "psf"
 
 
-def one(seed: int, snr: float, free: float, work: Path, jobs: int, overrides=None, every_band=False, n_stars=500):
+def one(seed: int, snr: float, free: float, work: Path, jobs: int, overrides=None, every_band=False, n_stars=500, free_min_flux=0.0):
     from sphot_core.config import load_config
     from sphot_core.engine import run_file
     from sphot_core.io import read_sphot
     from sphot_core.sersic import magnitude
     from sphot_core.simulate import simulate_to_file
 
-    paths = simulate_to_file(work / f"sim{seed}.h5", psf=PSF_DIR, filters=FILTERS, size=151, n_stars=n_stars, seed=seed, snr=snr, snr_every_band=every_band, star_free_radius=free)
+    paths = simulate_to_file(work / f"sim{seed}.h5", psf=PSF_DIR, filters=FILTERS, size=151, n_stars=n_stars, seed=seed, snr=snr, snr_every_band=every_band, star_free_radius=free, star_free_min_flux=free_min_flux)
     truth = json.loads(paths["truth"].read_text())
     t0 = time.perf_counter()
     summary = run_file(paths["galaxy"], work / f"out{seed}", psf=PSF_DIR, config=load_config(use_user_config=False).with_overrides(overrides or {}), jobs=jobs)
@@ -75,6 +83,8 @@ def main():
     ap.add_argument("--snr-every-band", action="store_true", help="every band at --snr (default: redder bands shallower)")
     ap.add_argument("--free-radius", type=float, default=6.0)
     ap.add_argument("--stars", type=int, default=500, help="stars per field (0: the pixel-noise control)")
+    ap.add_argument("--free-min-flux", type=float, default=20.0,
+                    help="'free' placement: only stars at least this bright (base-band flux / noise sigma) are kept out (0: all)")
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--placements", nargs="+", choices=("anywhere", "free"), default=["anywhere", "free"])
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=JSON")
@@ -89,13 +99,15 @@ def main():
     radii = {"anywhere": 0.0, "free": args.free_radius}
     for free in (radii[p] for p in args.placements):
         label = "stars anywhere" if free == 0 else f"no star within {free:g} px of the centre"
+        if free and args.free_min_flux > 0:
+            label = f"no star of flux >= {args.free_min_flux:g} sigma within {free:g} px of the centre"
         depth = "in every band" if args.snr_every_band else "in F150W, 10**(-0.2 colour) of it elsewhere"
         print(f"\n== S/N {args.snr:g} {depth}, {args.stars} stars, {label}")
         print(f"{'seed':>4} " + " ".join(f"{c:>8}" for c in cols) + f" {'F150W mag':>9} {'seconds':>7}")
         worst, sigmas, pulls, errors = [], [], [], []
         with tempfile.TemporaryDirectory() as tmp:
             for seed in args.seeds:
-                err, sig, dmag, sec = one(seed, args.snr, free, Path(tmp), args.jobs, overrides, args.snr_every_band, args.stars)
+                err, sig, dmag, sec = one(seed, args.snr, free, Path(tmp), args.jobs, overrides, args.snr_every_band, args.stars, args.free_min_flux if free else 0.0)
                 worst.append(max(abs(v) for v in err.values()))
                 sigmas.append([sig[c] for c in cols])
                 errors.append([err[c] for c in cols])

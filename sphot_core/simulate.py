@@ -145,6 +145,7 @@ def simulate_field(
     base_mag: float = 19.0,
     pixel_scale: float = 0.03,
     star_free_radius: float = 0.0,
+    star_free_min_flux: float = 0.0,
 ) -> Dict[str, Any]:
     """Build a field; returns ``{"images": {filter: array}, "psfs": {...}, "truth": {...}}``.
 
@@ -157,7 +158,10 @@ def simulate_field(
     ``base_mag``: AB magnitude of the galaxy in the base band (MJy/sr at
     ``pixel_scale``). ``colours``: magnitude minus the base magnitude per filter.
     ``star_free_radius``: no star closer than this (pixels) to the galaxy centre (a
-    star superposed on the nucleus cannot be told from it).
+    star superposed on the nucleus cannot be told from it). ``star_free_min_flux``:
+    only stars at least this bright (base band, in the units of ``star_flux_range``)
+    are kept out; the fainter ones are placed anywhere, so that the unresolved
+    foreground stays even (0: every star is kept out).
     """
     filters = list(filters)
     if base_filter not in filters:
@@ -185,6 +189,13 @@ def simulate_field(
     a = 1.0 - star_slope
     rel = (lo**a + u * (hi**a - lo**a)) ** (1.0 / a)
     star_colour = rng.normal(0.0, 0.4, n_stars)
+    if star_free_min_flux > 0:
+        # a stream of its own, so that the other draws (and the fields without the
+        # option) stay as they were
+        faint = rel < star_free_min_flux
+        aux = np.random.default_rng([seed, 1])
+        xs[faint] = aux.uniform(-0.5, size - 0.5, faint.sum())
+        ys[faint] = aux.uniform(-0.5, size - 0.5, faint.sum())
     # noise of the base band from the requested S/N
     base_flux = 10 ** (-0.4 * (base_mag - zp))
     unit = {**gal, "amplitude": 1.0}
@@ -242,7 +253,7 @@ def simulate_field(
         "snr": snr,
         "galaxy": {k: float(v) for k, v in gal.items()},
         "bands": truth_bands,
-        "stars": {"x": xs.tolist(), "y": ys.tolist(), "star_free_radius": star_free_radius},
+        "stars": {"x": xs.tolist(), "y": ys.tolist(), "star_free_radius": star_free_radius, "star_free_min_flux": star_free_min_flux},
         "pixel_convention": "0-based, pixel (0,0) centre at (0.0, 0.0)",
     }
     return {"images": images, "psfs": psfs, "truth": truth}

@@ -52,3 +52,27 @@ def test_star_fluxes_follow_the_band_noise():
     for band in FILTERS:
         ta, tb = a["truth"]["bands"][band], b["truth"]["bands"][band]
         np.testing.assert_allclose(np.array(ta["star_flux"]) / ta["noise_sigma"], np.array(tb["star_flux"]) / tb["noise_sigma"], rtol=1e-12)
+
+
+def test_star_free_radius_keeps_only_the_bright_stars_out():
+    """``star_free_radius`` keeps every star off the galaxy centre; with
+    ``star_free_min_flux`` only the bright ones, the faint ones stay evenly spread, and
+    the rest of the field is the one drawn without it."""
+    kw = dict(filters=("F150W",), n_stars=3000, size=101, seed=5, snr=100.0, star_free_radius=15.0)
+    holes = simulate_field(**kw)["truth"]
+    faint_in = simulate_field(**kw, star_free_min_flux=20.0)["truth"]
+    g = holes["galaxy"]
+    for truth in (holes, faint_in):
+        sigma = truth["bands"]["F150W"]["noise_sigma"]
+        rel = np.array(truth["bands"]["F150W"]["star_flux"]) / sigma
+        r = np.hypot(np.array(truth["stars"]["x"]) - g["x_0"], np.array(truth["stars"]["y"]) - g["y_0"])
+        assert not np.any((r < 15.0) & (rel >= 20.0))
+        inside = np.sum((r < 15.0) & (rel < 20.0))
+        expected = np.sum(rel < 20.0) * np.pi * 15.0**2 / 101**2
+        if truth is holes:
+            assert inside == 0
+        else:
+            assert abs(inside - expected) < 4 * np.sqrt(expected), (inside, expected)
+    # the same fluxes, colours, noise and sky: only the stars' positions differ
+    assert faint_in["bands"]["F150W"]["star_flux"] == holes["bands"]["F150W"]["star_flux"]
+    assert faint_in["bands"]["F150W"]["sky"] == holes["bands"]["F150W"]["sky"]
