@@ -192,6 +192,7 @@ class PSFConfig:
     scale_band_sources: str = attrs.field(default="base", validator=_one_of("base", "detect"))
     galaxy_footprint_r_eff: float = attrs.field(default=2.0, validator=_non_negative)
     scale_leftovers_r_eff: float = attrs.field(default=2.0, validator=_non_negative)
+    scale_unresolved: bool = True
     extended_spread_epsilon: float = attrs.field(default=0.005, validator=_non_negative)
     extended_spread_kappa: float = attrs.field(default=4.0, validator=_non_negative)
     substructure_density_sigma: float = attrs.field(default=3.0, validator=_non_negative)

@@ -226,6 +226,10 @@ class _BandLoop:
         self._once = np.zeros((0, 2))
         #: scale bands: free centre shift around the registered base centre (pixels)
         self.shift_max = config.core.scale_shift_max
+        #: seeded scale bands: pixels where the base band had usable data, and the
+        #: unresolved-foreground image (part of the star model, see :meth:`_unresolved`)
+        self.base_valid: Optional[np.ndarray] = None
+        self.unresolved: Optional[np.ndarray] = None
 
     # ------------------------------------------------------------ helpers
     def _timed(self, key: str, t0: float) -> None:
@@ -379,6 +383,8 @@ class _BandLoop:
         b = self.band
         self.emit({"band": b.filter, "step": "stars"})
         image = b.residual(stars=False)
+        if self.unresolved is not None:
+            image = image - self.unresolved
         p = b.sersic.params if b.sersic is not None else {}
         exclude = _disc(b.shape, p.get("x_0", np.nan), p.get("y_0", np.nan), self.cfg.psf.center_mask_r_in_fwhm * b.psf.fwhm) if p else None
         if positions is not None:
@@ -396,7 +402,47 @@ class _BandLoop:
         b.star_model = res.model
         if positions is None:
             self.return_substructure(image, exclude, remember=warm)
+        if self.seed_for is not None and positions is None:
+            self.unresolved = self._unresolved(exclude)
+            if self.unresolved is not None:
+                b.star_model = b.star_model + self.unresolved
         self._timed("stars", t0)
+
+    def _unresolved(self, exclude) -> Optional[np.ndarray]:
+        """The light of the stars this band finds beyond the base band's depth, where it
+        may not look for them (``[psf] scale_unresolved``).
+
+        A seeded scale band adds sources of its own (stars the base band missed) only
+        outside the leftover exclusion (the centre disc and the ``scale_leftovers_r_eff``
+        ellipse). Outside, the sky then carries the band's own depth of unresolved
+        stars; under the galaxy the same population of stars is present but unmodelled,
+        and the galaxy would take its light. Its mean surface brightness is the flux of
+        the band's own sources per usable pixel of the region they are searched in,
+        counted only where the base band has data (elsewhere the base band could not
+        have found them). Returned as a constant over the exclusion (usable pixels), or
+        ``None`` when there is nothing to correct.
+        """
+        b = self.band
+        if not self.cfg.psf.scale_unresolved or self.base_valid is None or b.sources is None or len(b.sources) == 0:
+            return None
+        excl = self._leftover_exclude(exclude)
+        if excl is None:
+            return None
+        sx, sy = self.seed_for()
+        src = b.sources
+        own = ~_near(src.x, src.y, np.column_stack([sx, sy]), 0.5 * b.psf.fwhm)
+        search = b.valid & self.base_valid & ~excl
+        iy = np.clip(np.round(src.y).astype(int), 0, b.shape[0] - 1)
+        ix = np.clip(np.round(src.x).astype(int), 0, b.shape[1] - 1)
+        counted = own & search[iy, ix] & np.isfinite(src.flux) & (src.flux > 0)
+        area = int(search.sum())
+        if area == 0 or not counted.any():
+            return None
+        level = float(np.sum(src.flux[counted])) / area
+        out = np.zeros(b.shape)
+        out[excl & b.valid] = level
+        log.debug("band %s: unresolved foreground %.4g per px under the galaxy (%d own sources over %d px)", b.filter, level, int(counted.sum()), area)
+        return out
 
     def _leftover_exclude(self, exclude):
         """Where a seeded scale band may not add sources of its own: the centre disc and,
@@ -623,6 +669,8 @@ class _BandLoop:
         core = ph.fit_half_size(b.psf, stamp.fit_box_fwhm)
         with_galaxy = self.cfg.core.joint_linear_galaxy
         image = b.residual(galaxy=not with_galaxy, stars=False)
+        if self.unresolved is not None:
+            image = image - self.unresolved
         system = ph.PixelSystem.build(image, b.noise, ph.usable_pixels(image, b.mask))
         sky_terms = self._sky_terms()
         extra = list(sky_terms)
@@ -656,7 +704,7 @@ class _BandLoop:
             stats={"refit": "joint"},
         )
         b.sources = res.sources
-        b.star_model = res.model
+        b.star_model = res.model if self.unresolved is None else res.model + self.unresolved
         if with_galaxy:
             b.galaxy_model = galaxy
             b.sersic = _scaled(b.sersic, scale, scale_err)
@@ -842,6 +890,7 @@ def fit_band(
         loop.sersic(stages.sersic_fitter, base_params, base_params, loss=config.fitter.primer_loss, pin_centre=True)
         if not forced and config.psf.scale_band_sources == "base" and bx.size:
             loop.seed_for = shifted
+            loop.base_valid = base.get("valid")
         loop.cycle(-1, warm=False, positions=positions_for() if positions_for else None)
         # register the band on its stars (not on the galaxy centre, which is noisy in
         # faint bands); the scale fit's free shift refines the galaxy around this
@@ -1030,6 +1079,7 @@ def run(
         base_info = {
             "params": dict(galaxy.meta.get("base_params") or base.sersic.params),
             "sources": (np.array(base.sources.x), np.array(base.sources.y)) if base.sources is not None else (np.zeros(0), np.zeros(0)),
+            "valid": base.valid,
         }
         for f in todo:
             _reset(galaxy.bands[f])
