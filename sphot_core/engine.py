@@ -377,7 +377,8 @@ class _BandLoop:
         (scale bands: the base band's sources at this band's offset) the refit strategy
         re-solves the seeds and the band's own leftovers every time. Otherwise the
         detecting fitter (ladder) runs, or, in warm iterations, the refit of the
-        current catalogue.
+        current catalogue. In a seeded scale band the star model also holds the level
+        of the stars the band cannot look for under the galaxy (:meth:`_unresolved`).
         """
         t0 = time.perf_counter()
         b = self.band
@@ -647,7 +648,8 @@ class _BandLoop:
         Shape and positions stay as the last steps left them; the galaxy model (one
         column: every linear parameter scaled by the same factor) and the stars' stamps
         (and, with ``joint_linear_sky``, a sky correction) are solved together,
-        non-negatively, on ``data - sky``. With ``joint_linear_galaxy = false`` the
+        non-negatively, on ``data - sky`` (minus the level of :meth:`_unresolved` in a
+        seeded scale band). With ``joint_linear_galaxy = false`` the
         galaxy is held fixed (the solve is on ``data - galaxy - sky``) and only the stars
         and the sky correction are solved together. Alternating the steps reaches the
         same solution only slowly where they overlap (each step hands the other the
