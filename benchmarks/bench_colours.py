@@ -22,9 +22,9 @@ Usage::
         [--free-radius 6] [--free-min-flux 20] [--placements anywhere free] [--stars 500] [--set core.scale_free='["n"]' ...]
 
 In the ``free`` placement only stars of base-band flux at least ``--free-min-flux``
-(default 20, in units of the noise sigma; the base band finds about half of the stars
-at that flux) are kept out of the centre; the fainter ones, which no band resolves on
-the nucleus, stay evenly spread, as in a real field. With ``--free-min-flux 0`` every
+(default 20, in units of the noise sigma; on these fields the base band found 45 % of
+the stars of 14-20 sigma and 85 % of those of 20-30) are kept out of the centre; the
+fainter ones, mostly unresolved, stay evenly spread, as in a real field. With ``--free-min-flux 0`` every
 star is kept out, which leaves a hole in the unresolved foreground under the galaxy
 that the sky, measured around it, does not have (the earlier measurements in
 ``docs/engine.rst`` used that placement).
