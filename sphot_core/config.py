@@ -162,6 +162,7 @@ class CoreConfig:
     wavelength_shape: bool = False
     wavelength_degree_n: int = attrs.field(default=1, validator=_non_negative)
     wavelength_degree_r_eff: int = attrs.field(default=1, validator=_non_negative)
+    correlated_errors: bool = True
 
 
 @attrs.frozen

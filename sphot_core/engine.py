@@ -37,7 +37,7 @@ from .prep import GalaxyGuess, prepare
 from .progress import null_progress
 from .problem import SersicProblem, make_scale_problem
 from .psf import SersicRenderer
-from .stats import noise_map, robust_sigma
+from .stats import correlated_error_factor, noise_map, robust_sigma
 
 #: free galaxy-centre shift (px) of a scale band that could not be registered on stars
 UNREGISTERED_SHIFT = 0.5
@@ -769,6 +769,19 @@ class _BandLoop:
         level = float(np.nanmedian(b.data))
         b.sky_model = np.full(b.shape, level)
 
+    def error_factor(self) -> float:
+        """``[core] correlated_errors``: the factor for the fit's errors from the spatial
+        correlation of the full residual outside the sky fit's galaxy ellipse (lags up to
+        2 FWHM, at least 4 and at most 16 px; :func:`~sphot_core.stats.correlated_error_factor`),
+        1 when switched off."""
+        b = self.band
+        if not self.cfg.core.correlated_errors or b.galaxy_model is None or b.noise is None:
+            return 1.0
+        galaxy = self._galaxy_ellipse(self.cfg.sky.galaxy_mask_r_eff)
+        region = b.valid if galaxy is None else b.valid & ~galaxy
+        lag = int(np.clip(np.ceil(2.0 * b.psf.fwhm), 4, 16))
+        return correlated_error_factor(b.residual(), b.noise, region, b.galaxy_model, usable=b.valid, max_lag=lag)
+
     def refresh_noise(self) -> None:
         """Noise map from the full residual (galaxy, stars and sky removed; outliers
         masked). Run after the primer cycle and after the first loop iteration, then
@@ -909,13 +922,21 @@ def fit_band(
         loop.record("scale-primer", None, None, offset=[float(offset[0]), float(offset[1])])
         converged = loop.loop(core.iter_scalefit, lambda it: stages.sersic_fitter, base_params, positions_for)
         stage_done = "forcedfit" if forced else "scalefit"
+    factor = loop.error_factor()
+    band.sersic = band.sersic.with_error_factor(factor)
     if not converged:
         band.flags |= GALAXY_FLAGS.LOOP_NOT_CONVERGED
     band.status = "done"
     band.message = ""
     band.stages_done = [stage_done]
     band.history.append(
-        {"stage": "total", "seconds": time.perf_counter() - t_start, "timings": dict(loop.timings), "peak_rss_mb": _peak_rss_mb()}
+        {
+            "stage": "total",
+            "seconds": time.perf_counter() - t_start,
+            "timings": dict(loop.timings),
+            "peak_rss_mb": _peak_rss_mb(),
+            "error_factor": factor,
+        }
     )
     emit({"band": band.filter, "stage": "done", "chi2_dof": loop.chi2_dof(), "n_sources": len(band.sources or [])})
     return band

@@ -147,7 +147,9 @@ def fit_wavelength_shape(galaxy, config) -> Optional[Dict[str, Any]]:
     for b in bands:
         p = problems[b.filter]
         res = p.finalize(p.encode(shape(coef, b.filter)), success=bool(sol.success), message="", nfev=int(sol.nfev), optimizer="wavelength")
-        b.sersic = res
+        # the band's factor for correlated residuals (its scale fit measured it)
+        factor = next((h.get("error_factor", 1.0) for h in b.history if h.get("stage") == "total"), 1.0)
+        b.sersic = res = res.with_error_factor(float(factor))
         b.galaxy_model = p.renderer.render(res.params, model)
         b.history.append(
             {

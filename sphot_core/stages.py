@@ -138,6 +138,21 @@ class SersicResult:
     def chi2_dof(self) -> float:
         return self.chi2 / self.dof if self.dof > 0 else float("nan")
 
+    def with_error_factor(self, factor: float) -> "SersicResult":
+        """This result with every error (parameters, both flux errors) multiplied by
+        ``factor`` and the covariance by its square (see
+        :func:`sphot_core.stats.correlated_error_factor`)."""
+        if not factor > 0 or factor == 1.0:
+            return self
+        cov = None if self.covariance is None else self.covariance * factor**2
+        return attrs.evolve(
+            self,
+            errors={k: v * factor for k, v in self.errors.items()},
+            covariance=cov,
+            flux_err=self.flux_err * factor,
+            flux_err_fixed_shape=self.flux_err_fixed_shape * factor,
+        )
+
 
 class SersicFitter(Stage):
     """An optimizer for a :class:`sphot_core.problem.SersicProblem`.

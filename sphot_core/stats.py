@@ -7,6 +7,8 @@
   its mode, so that undetected faint stars neither shift nor widen it.
 * :func:`noise_map`: a per-pixel noise map (1 sigma) when the data come without one,
   from :func:`background_sigma` in boxes, smoothly interpolated.
+* :func:`correlated_error_factor`: how much larger a linear amplitude's error is than
+  the per-pixel noise says, given the residual's spatial correlation.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Optional, Tuple
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["MAD_TO_SIGMA", "robust_sigma", "clipped_stats", "background_sigma", "noise_map"]
+__all__ = ["MAD_TO_SIGMA", "robust_sigma", "clipped_stats", "background_sigma", "noise_map", "correlated_error_factor"]
 
 #: fewest usable values for a noise estimate
 _MIN_VALUES = 10
@@ -168,3 +170,61 @@ def noise_map(
     fy = np.interp(np.arange(ny), cy, np.arange(nby))
     fx = np.interp(np.arange(nx), cx, np.arange(nbx))
     return ndimage.map_coordinates(grid, np.meshgrid(fy, fx, indexing="ij"), order=1, mode="nearest")
+
+
+def correlated_error_factor(
+    residual,
+    noise,
+    region: np.ndarray,
+    model,
+    usable: Optional[np.ndarray] = None,
+    max_lag: int = 8,
+    clip: float = 5.0,
+    min_pixels: int = 400,
+) -> float:
+    """Ratio of a linear amplitude's true error to the one from independent pixels.
+
+    The error of the amplitude of ``model`` fitted by weighted least squares is
+    ``1 / sqrt(sum u^2)`` with ``u = model / noise`` if the pixels' noise is
+    independent. Resampled (drizzled) mosaics and the light of unresolved stars make
+    neighbouring pixels of the residual correlated; the variance is then
+    ``sum_d xi(d) A(d) / (sum u^2)^2``, with ``xi`` the autocorrelation of
+    ``residual / noise`` and ``A`` that of ``u``. ``xi`` is measured on ``region``
+    (pixels the model does not dominate, e.g. the sky region) for lags up to
+    ``max_lag`` pixels in x and y, with ``residual / noise`` clipped at ``clip`` (a few
+    badly subtracted stars do not dominate it); ``A`` over ``usable`` pixels. Returns
+    ``sqrt(sum_d xi(d) A(d) / A(0))``, at least 1 (the factor never shrinks an
+    error), or 1 when ``region`` has fewer than ``min_pixels`` usable pixels.
+    ``xi(0)`` is the residual's variance in units of the noise map's, so residual
+    scatter the noise map misses (the noise map is the background noise) counts too.
+    """
+    r = np.asarray(residual, dtype=float)
+    n = np.asarray(noise, dtype=float) * np.ones(r.shape)
+    good = np.isfinite(r) & np.isfinite(n) & (n > 0)
+    reg = good & np.asarray(region, dtype=bool)
+    if int(reg.sum()) < min_pixels:
+        return 1.0
+    z = np.zeros(r.shape)
+    z[reg] = np.clip(r[reg] / n[reg], -clip, clip)
+    z[reg] -= z[reg].mean()
+    use = good if usable is None else good & np.asarray(usable, dtype=bool)
+    u = np.zeros(r.shape)
+    m = np.asarray(model, dtype=float)
+    ok = use & np.isfinite(m)
+    u[ok] = m[ok] / n[ok]
+    a0 = float(np.sum(u * u))
+    if not a0 > 0:
+        return 1.0
+    lag = int(max(0, min(max_lag, min(r.shape) // 4)))
+    pad = [s + lag for s in r.shape]
+
+    def autocorr(img):
+        f = np.fft.rfft2(img, s=pad)
+        c = np.fft.irfft2(f * np.conj(f), s=pad)
+        # lags -lag..lag on both axes, zero lag in the middle
+        return np.roll(np.roll(c, lag, axis=0), lag, axis=1)[: 2 * lag + 1, : 2 * lag + 1]
+
+    pairs = autocorr(reg.astype(float))
+    xi = np.where(pairs > 0.5 * pairs[lag, lag], autocorr(z) / np.maximum(pairs, 1.0), 0.0)
+    total = float(np.sum(xi * autocorr(u))) / a0
+    return float(np.sqrt(max(total, 1.0)))

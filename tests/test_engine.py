@@ -638,3 +638,39 @@ def test_scale_band_keeps_the_unresolved_foreground_out_of_the_galaxy(config):
     # what is left is the fluctuation of their number
     assert min(errors[False]) > 0.02, errors  # measured: 0.033, 0.027
     assert max(abs(e) for e in errors[True]) < 0.25 * min(errors[False]), errors  # 0.004, -0.002
+
+
+def test_errors_follow_the_scatter_with_correlated_noise(config):
+    """``[core] correlated_errors``: in a band whose noise is correlated between pixels
+    (like a resampled mosaic's) the quoted flux error follows the scatter of the fitted
+    fluxes over noise realisations; the independent-pixel error is several times too
+    small. The factor is recorded in the band's history."""
+    from scipy import ndimage
+
+    from sphot_core.sersic import sersic_total_flux
+    from sphot_core.simulate import render_sersic_reference
+    from sphot_core.testing import _gaussian_psf
+
+    psf = _gaussian_psf(2.0)
+    shape = (81, 81)
+    params = {"x_0": 40.2, "y_0": 39.7, "amplitude": 1.0, "r_eff": 6.0, "n": 1.5, "ellip": 0.2, "theta": 0.5}
+    params["amplitude"] = 400.0 / sersic_total_flux(1.0, 6.0, 1.5, 0.2)
+    galaxy = render_sersic_reference(shape, psf, params)
+    rng = np.random.default_rng(5)
+    fluxes, quoted = {True: [], False: []}, {True: [], False: []}
+    for _ in range(16):
+        w = ndimage.gaussian_filter(rng.normal(size=shape), 1.2, mode="wrap")
+        data = galaxy + 2.0 + w / w.std()
+        for on in (True, False):
+            band = Band("F277W", data, psf, noise=np.ones(shape))
+            cfg = config.with_overrides({"core.correlated_errors": on, "psf-calib.in_mainloop": False})
+            base = {"params": params, "sources": (np.zeros(0), np.zeros(0)), "valid": np.ones(shape, dtype=bool)}
+            engine.fit_band(band, cfg, engine.Stages.from_config(cfg), base=base)
+            fluxes[on].append(band.sersic.flux)
+            quoted[on].append(band.sersic.flux_err_fixed_shape)
+            factor = next(h["error_factor"] for h in band.history if h.get("stage") == "total")
+            assert (factor > 2.5) if on else (factor == 1.0)
+    np.testing.assert_allclose(fluxes[True], fluxes[False])  # only the errors change
+    scatter = np.std(fluxes[True], ddof=1)
+    assert scatter / np.median(quoted[False]) > 2.5  # measured: 3.75
+    assert 0.7 < scatter / np.median(quoted[True]) < 1.4  # measured: 0.95
