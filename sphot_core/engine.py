@@ -181,6 +181,13 @@ def _disc(shape, x, y, radius) -> Optional[np.ndarray]:
     return (xx - x) ** 2 + (yy - y) ** 2 <= radius**2
 
 
+def _pixel_of(shape, x, y):
+    """Row and column indices of the pixels holding positions ``x, y`` (clipped to the image)."""
+    iy = np.clip(np.round(np.asarray(y)).astype(int), 0, shape[0] - 1)
+    ix = np.clip(np.round(np.asarray(x)).astype(int), 0, shape[1] - 1)
+    return iy, ix
+
+
 def _near(x, y, ref: np.ndarray, radius: float) -> np.ndarray:
     """Mask of the positions ``(x, y)`` within ``radius`` of a point of ``ref`` (N x 2)."""
     x = np.asarray(x, dtype=float)
@@ -367,8 +374,12 @@ class _BandLoop:
         src = self.band.sources
         if not warm or src is None or len(src) == 0 or sx.size == 0:
             return seeds
-        own = src.select(~_near(src.x, src.y, np.column_stack([sx, sy]), 0.5 * self.band.psf.fwhm))
-        return SourceTable.concatenate([seeds, own])
+        return SourceTable.concatenate([seeds, src.select(self._own(src))])
+
+    def _own(self, src: SourceTable) -> np.ndarray:
+        """Which of ``src`` are the band's own sources: not within 0.5 FWHM of a seed."""
+        sx, sy = self.seed_for()
+        return ~_near(src.x, src.y, np.column_stack([sx, sy]), 0.5 * self.band.psf.fwhm)
 
     def stars(self, *, warm: bool, positions=None) -> None:
         """Point sources on (data - galaxy - sky).
@@ -429,12 +440,10 @@ class _BandLoop:
         excl = self._leftover_exclude(exclude)
         if excl is None:
             return None
-        sx, sy = self.seed_for()
         src = b.sources
-        own = ~_near(src.x, src.y, np.column_stack([sx, sy]), 0.5 * b.psf.fwhm)
+        own = self._own(src)
         search = b.valid & self.base_valid & ~excl
-        iy = np.clip(np.round(src.y).astype(int), 0, b.shape[0] - 1)
-        ix = np.clip(np.round(src.x).astype(int), 0, b.shape[1] - 1)
+        iy, ix = _pixel_of(b.shape, src.x, src.y)
         counted = own & search[iy, ix] & np.isfinite(src.flux) & (src.flux > 0)
         area = int(search.sum())
         if area == 0 or not counted.any():
@@ -512,8 +521,7 @@ class _BandLoop:
         footprint = self._galaxy_ellipse(cfg.galaxy_footprint_r_eff)
         if footprint is None:
             return
-        iy = np.clip(np.round(src.y).astype(int), 0, b.shape[0] - 1)
-        ix = np.clip(np.round(src.x).astype(int), 0, b.shape[1] - 1)
+        iy, ix = _pixel_of(b.shape, src.x, src.y)
         limit = np.sqrt(cfg.extended_spread_epsilon**2 + (cfg.extended_spread_kappa * src.spread_model_err) ** 2)
         extended = footprint[iy, ix] & np.isfinite(src.spread_model) & (src.spread_model > limit)
         crowded = np.zeros_like(extended)
