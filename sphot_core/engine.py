@@ -399,13 +399,15 @@ class _BandLoop:
             image = image - self.unresolved
         p = b.sersic.params if b.sersic is not None else {}
         exclude = _disc(b.shape, p.get("x_0", np.nan), p.get("y_0", np.nan), self.cfg.psf.center_mask_r_in_fwhm * b.psf.fwhm) if p else None
+        leftover = None  # seeded scale bands: where the band may not add sources of its own
         if positions is not None:
             res = self.st.forced_fitter.fit(image, b.noise, b.psf, exclude=exclude, positions=positions)
         else:
             exclude = self._returned_exclude(exclude)
             if self.seed_for is not None:
                 seeds = self._not_returned(self._seeded(warm))
-                res = self.st.refit.refit(image, b.noise, b.psf, seeds, exclude=self._leftover_exclude(exclude))
+                leftover = self._leftover_exclude(exclude)
+                res = self.st.refit.refit(image, b.noise, b.psf, seeds, exclude=leftover)
             elif warm and b.sources is not None and len(b.sources) > 0 and not self.cfg.psf.redetect_each_iteration:
                 res = self.st.refit.refit(image, b.noise, b.psf, self._not_returned(b.sources), exclude=exclude)
             else:
@@ -415,12 +417,12 @@ class _BandLoop:
         if positions is None:
             self.return_substructure(image, exclude, remember=warm)
         if self.seed_for is not None and positions is None:
-            self.unresolved = self._unresolved(exclude)
+            self.unresolved = self._unresolved(leftover)
             if self.unresolved is not None:
                 b.star_model = b.star_model + self.unresolved
         self._timed("stars", t0)
 
-    def _unresolved(self, exclude) -> Optional[np.ndarray]:
+    def _unresolved(self, excl: Optional[np.ndarray]) -> Optional[np.ndarray]:
         """The light of the stars this band finds beyond the base band's depth, where it
         may not look for them (``[psf] scale_unresolved``).
 
@@ -431,14 +433,12 @@ class _BandLoop:
         and the galaxy would take its light. Its mean surface brightness is the flux of
         the band's own sources per usable pixel of the region they are searched in,
         counted only where the base band has data (elsewhere the base band could not
-        have found them). Returned as a constant over the exclusion (usable pixels), or
-        ``None`` when there is nothing to correct.
+        have found them). ``excl`` is the leftover exclusion (:meth:`_leftover_exclude`).
+        Returned as a constant over it (usable pixels), or ``None`` when there is nothing
+        to correct.
         """
         b = self.band
-        if not self.cfg.psf.scale_unresolved or self.base_valid is None or b.sources is None or len(b.sources) == 0:
-            return None
-        excl = self._leftover_exclude(exclude)
-        if excl is None:
+        if not self.cfg.psf.scale_unresolved or excl is None or self.base_valid is None or b.sources is None or len(b.sources) == 0:
             return None
         src = b.sources
         own = self._own(src)
@@ -558,9 +558,7 @@ class _BandLoop:
         b = self.band
         cfg = self.cfg.psf
         out = np.zeros(candidate.shape, dtype=bool)
-        usable = np.isfinite(image)
-        if b.mask is not None:
-            usable &= ~b.mask
+        usable = b.valid & np.isfinite(image)
         if exclude is not None:
             usable &= ~exclude
         field = usable & ~footprint
